@@ -1,0 +1,154 @@
+"""One typed config for a GradShield run, loaded from YAML; the CLI only maps flags onto it.
+
+Every section forbids unknown keys, so a misspelt key fails at load time instead of silently
+falling back to a default.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from gradshield_ray.threshold import ThresholdConfig
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Section):
+    """The aligned model θ₀ that is scored against (never updated)."""
+
+    path: str = ""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # eager is exact everywhere (the JVP method needs it); sdpa is faster for the hooks/brute methods.
+    attn_implementation: Literal["eager", "sdpa"] = "eager"
+    device: str = "auto"  # "auto" picks cuda when torch sees one, else cpu
+    trust_remote_code: bool = False  # never on unless a user says so
+    chat_template: str | None = None  # override the tokenizer's template (a Jinja string)
+
+
+class DataConfig(_Section):
+    """Where the chat turns are in each Parquet row, and the token budget policy."""
+
+    messages_column: str | None = "messages"
+    prompt_column: str | None = None
+    response_column: str | None = None
+    system_column: str | None = None
+    # Rows longer than this are cut on the right, as a finetuning trainer with
+    # max_seq_length would (score what it would train on); "error" turns them into error rows.
+    max_tokens: int = Field(2048, gt=1)
+    truncation: Literal["right", "error"] = "right"
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> "DataConfig":
+        if self.prompt_column or self.response_column:
+            if not (self.prompt_column and self.response_column):
+                raise ValueError("data.prompt_column and data.response_column must be set together")
+            self.messages_column = None
+        elif not self.messages_column:
+            raise ValueError("set data.messages_column, or data.prompt_column + data.response_column")
+        return self
+
+
+class ProxyConfig(_Section):
+    """Safety proxy S = mean over probes of logit(comply) − logit(refuse) at the first assistant token."""
+
+    comply: str = "Sure"
+    refuse: str = "I"
+    probes: str | None = None  # .txt (one per line) or .jsonl ({"prompt": ...}); None = shipped HarmBench val
+    max_probes: int | None = Field(None, gt=0)
+    batch_size: int = Field(8, gt=0)
+
+
+class LoraScopeConfig(_Section):
+    """A fresh LoRA adapter whose parameters span the scope (B = 0, so ∇_B = ∇_W·Aᵀ)."""
+
+    r: int = Field(8, gt=0)
+    alpha: float = 16.0
+    target_modules: list[str] | str = "all-linear"
+    seed: int = 0
+
+
+SCOPE_PATTERN = re.compile(r"^(all|no_embed|mlp|attn|lora|last:\d+|layers:\d+-\d+|regex:.+)$")
+
+
+class ScoreConfig(_Section):
+    """How FIHS is computed: method, parameter scope, normalization and batching."""
+
+    method: Literal["hooks", "brute", "jvp"] = "hooks"
+    # Default until the efficacy measurements (issue 4) decide: the paper's plain definition, all
+    # parameters with a raw dot product; on a real LM (PROTOTYPE_FINDINGS §C) it separated explicit harm
+    # perfectly, whereas the toy's favourite (last layer) was the worst scope there.
+    scope: str = "all"
+    normalize: Literal["dot", "cosine"] = "dot"
+    lora: LoraScopeConfig = LoraScopeConfig()
+    token_budget: int = Field(16384, gt=0)  # padded tokens per micro-batch
+    max_batch_size: int = Field(64, gt=0)
+    padding_side: Literal["right", "left"] = "right"
+    # Check the batched method against the one-backward-per-example definition on this many rows
+    # when the scorer starts; a mismatch (an architecture the hooks do not cover) fails fast.
+    verify_rows: int = Field(2, ge=0)
+    verify_rtol: float = 1e-4
+
+    @model_validator(mode="after")
+    def _valid(self) -> "ScoreConfig":
+        if not SCOPE_PATTERN.match(self.scope):
+            raise ValueError(
+                f"score.scope {self.scope!r} is not one of all, no_embed, mlp, attn, lora, last:K, "
+                "layers:A-B, regex:PATTERN"
+            )
+        if self.method == "jvp" and self.normalize == "cosine":
+            raise ValueError("score.method 'jvp' gives ⟨v, ∇L⟩ only; cosine needs ‖∇L‖: use hooks or brute")
+        return self
+
+
+class GradShieldConfig(_Section):
+    """A whole run: model, data layout, proxy, scoring, threshold, and where to read and write."""
+
+    input: str = ""
+    output: str = ""
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    proxy: ProxyConfig = ProxyConfig()
+    score: ScoreConfig = ScoreConfig()
+    threshold: ThresholdConfig = ThresholdConfig()
+    rows_per_batch: int = Field(256, gt=0)  # rows handed to the scorer at a time
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None, overrides: list[str] | None = None) -> "GradShieldConfig":
+        """Load YAML (safe loader), apply `dotted.key=value` overrides, validate."""
+        data: dict[str, Any] = {}
+        if path:
+            text = Path(path).read_text()
+            loaded = yaml.safe_load(text)
+            if loaded is not None and not isinstance(loaded, dict):
+                raise ValueError(f"config {path}: top level must be a mapping, got {type(loaded).__name__}")
+            data = loaded or {}
+        for item in overrides or []:
+            apply_override(data, item)
+        return cls.model_validate(data)
+
+    def to_public_dict(self) -> dict[str, Any]:
+        """The config as written into reports; it holds no credentials by construction."""
+        return self.model_dump(mode="json")
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (so 1e-3, true, [x, y] work)."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ValueError(f"override {item!r} has an empty key")
+    node = data
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ValueError(f"override {item!r}: {p!r} is not a section")
+        node = nxt
+    node[parts[-1]] = yaml.safe_load(raw)

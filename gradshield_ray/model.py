@@ -1,0 +1,60 @@
+"""Load the aligned model θ₀ and its tokenizer once, frozen and in eval mode."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from gradshield_ray.config import ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """The model or tokenizer cannot be loaded; the message names the cause."""
+
+
+def pick_device(name: str) -> torch.device:
+    """"auto" → the GPU Ray assigned (or any visible one), else CPU; lets num_gpus=1 actors run on CPU boxes."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_model(cfg: ModelConfig):
+    """(model, tokenizer, device) for a local model directory; weights frozen, eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not cfg.path:
+        raise ModelLoadError("model.path is not set")
+    if not os.path.isdir(cfg.path):
+        raise ModelLoadError(f"model.path {cfg.path!r} does not exist or is not a directory")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.path,
+            dtype=DTYPES[cfg.dtype],
+            attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except Exception as e:
+        raise ModelLoadError(f"cannot load model from {cfg.path!r}: {type(e).__name__}: {e}") from e
+    if cfg.chat_template:
+        tokenizer.chat_template = cfg.chat_template
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelLoadError(f"tokenizer at {cfg.path!r} has no chat_template; set model.chat_template")
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelLoadError("a fast tokenizer is required (offsets locate the assistant tokens)")
+    device = pick_device(cfg.device)
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer, device
+
+
+def pad_id(tokenizer, model) -> int:
+    """The id used for padding (its value never matters: padded positions are masked everywhere)."""
+    for cand in (tokenizer.pad_token_id, getattr(model.config, "pad_token_id", None), tokenizer.eos_token_id):
+        if cand is not None:
+            return int(cand)
+    return 0

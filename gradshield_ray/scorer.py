@@ -1,0 +1,158 @@
+"""The scoring stage: load θ₀ and compute v once (setup), then score rows (process).
+
+This is the object a Ray Data actor holds; it knows nothing about Ray or files.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from gradshield_ray import fihs
+from gradshield_ray.batching import collate, micro_batches
+from gradshield_ray.config import GradShieldConfig
+from gradshield_ray.model import load_model, pad_id
+from gradshield_ray.proxy import load_probes, probe_prefixes, reference_direction, resolve_token
+from gradshield_ray.render import Encoded, RenderError, encode_messages, encode_row
+from gradshield_ray.scope import select_parameters, wrap_lora
+
+SCORE_COLUMNS = ("fihs", "gs_n_tokens", "gs_n_loss_tokens", "gs_truncated", "gs_error")
+
+
+class VerificationError(RuntimeError):
+    """The batched method disagrees with the brute-force definition on this model."""
+
+
+@dataclass
+class ScoreStats:
+    rows: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class FIHSScorer:
+    """Scores chat rows with FIHS against a frozen aligned model."""
+
+    def __init__(self, cfg: GradShieldConfig):
+        self.cfg = cfg
+        sc = cfg.score
+        model, self.tokenizer, self.device = load_model(cfg.model)
+        self.model = wrap_lora(model, sc) if sc.scope == "lora" else model
+        self.params = select_parameters(self.model, sc.scope)
+        self.pad = pad_id(self.tokenizer, self.model)
+        prompts = load_probes(cfg.proxy)
+        self.comply_id = resolve_token(self.tokenizer, prompts, cfg.proxy.comply, "comply")
+        self.refuse_id = resolve_token(self.tokenizer, prompts, cfg.proxy.refuse, "refuse")
+        if self.comply_id == self.refuse_id:
+            raise ValueError("proxy.comply and proxy.refuse resolve to the same token")
+        self.v, self.s0 = reference_direction(
+            self.model, self.params, probe_prefixes(self.tokenizer, prompts), self.comply_id,
+            self.refuse_id, self.pad, self.device, cfg.proxy.batch_size,
+        )
+        self.v_norm = fihs.direction_norm(self.v)
+        if not np.isfinite(self.v_norm) or self.v_norm == 0.0:
+            raise ValueError(f"reference direction has norm {self.v_norm}: the probes' comply−refuse margin "
+                             f"does not depend on scope {sc.scope!r}")
+        self.n_probes = len(prompts)
+        self.hooks = fihs.HookScorer(self.model, self.params, self.v, sc.normalize == "cosine")
+        self.stats = ScoreStats()
+        if sc.verify_rows:
+            self.verify(self._verification_rows(prompts[: sc.verify_rows]))
+
+    # ---------------------------------------------------------------- methods
+    def _dots(self, batch, method: str):
+        cos = self.cfg.score.normalize == "cosine"
+        if method == "hooks":
+            return self.hooks(batch)
+        if method == "jvp":
+            with torch.no_grad():
+                return fihs.jvp_dots(self.model, self.params, self.v, batch), None
+        singles = [collate([e], self.pad) .to(self.device) for e in _split(batch, self.pad)]
+        return fihs.brute_force(self.model, self.params, self.v, singles, cos)
+
+    def score_encoded(self, encoded: list[Encoded], method: str | None = None) -> np.ndarray:
+        """FIHS per encoded example (float64; NaN/inf left as is for the caller to report)."""
+        method = method or self.cfg.score.method
+        sc = self.cfg.score
+        out = np.empty(len(encoded), dtype=np.float64)
+        t0 = time.perf_counter()
+        for idx in micro_batches([e.n_tokens for e in encoded], sc.token_budget, sc.max_batch_size):
+            group = [encoded[i] for i in idx]
+            batch = collate(group, self.pad, sc.padding_side).to(self.device)
+            dots, sq = self._dots(batch, method)
+            out[idx] = fihs.finalize(dots, sq, self.v_norm)
+            self.stats.padded_tokens += batch.input_ids.numel()
+        self.stats.seconds += time.perf_counter() - t0
+        self.stats.rows += len(encoded)
+        self.stats.tokens += sum(e.n_tokens for e in encoded)
+        return out
+
+    def score_rows(self, rows: list[dict[str, Any]]) -> dict[str, list]:
+        """Score columns for a list of input rows; unrenderable or non-finite rows get an error reason."""
+        cols: dict[str, list] = {c: [None] * len(rows) for c in SCORE_COLUMNS}
+        encoded, where = [], []
+        for i, row in enumerate(rows):
+            try:
+                e = encode_row(self.tokenizer, row, self.cfg.data)
+            except RenderError as err:
+                cols["gs_error"][i] = str(err)
+                continue
+            encoded.append(e)
+            where.append(i)
+            cols["gs_n_tokens"][i] = e.n_tokens
+            cols["gs_n_loss_tokens"][i] = e.n_loss_tokens
+            cols["gs_truncated"][i] = e.truncated
+        if encoded:
+            scores = self.score_encoded(encoded)
+            for i, s in zip(where, scores):
+                if np.isfinite(s):
+                    cols["fihs"][i] = float(s)
+                else:
+                    cols["gs_error"][i] = f"non-finite score ({s})"
+        return cols
+
+    # ---------------------------------------------------------------- verification
+    def _verification_rows(self, prompts: list[str]) -> list[Encoded]:
+        reply = f"{self.cfg.proxy.comply}, {self.cfg.proxy.refuse} will answer that."
+        return [encode_messages(self.tokenizer, [{"role": "user", "content": p},
+                                                 {"role": "assistant", "content": reply}],
+                                self.cfg.data.max_tokens, "right") for p in prompts]
+
+    def verify(self, rows: list[Encoded]) -> None:
+        """Fail fast when the configured method disagrees with the definition on this architecture."""
+        from gradshield_ray.loss import per_example_loss, reference_loss
+
+        batch = collate(rows, self.pad, self.cfg.score.padding_side).to(self.device)
+        with torch.no_grad():
+            ours, ref = per_example_loss(self.model, batch), reference_loss(self.model, batch)
+        if not torch.allclose(ours, ref, rtol=1e-3, atol=1e-5):
+            raise VerificationError(f"packed loss {ours.tolist()} != model loss {ref.tolist()}: "
+                                    "this architecture post-processes logits in a way the scorer does not know")
+        method = self.cfg.score.method
+        if method == "brute":
+            return
+        fast = self.score_encoded(rows, method)
+        slow = self.score_encoded(rows, "brute")
+        err = float(np.max(np.abs(fast - slow)))
+        scale = float(np.max(np.abs(slow)))
+        if not err <= self.cfg.score.verify_rtol * max(scale, 1e-30):
+            raise VerificationError(f"score.method={method} differs from brute force by {err:.3g} "
+                                    f"(scale {scale:.3g}); use score.method=brute for this model")
+        self.stats = ScoreStats()
+
+
+def _split(batch, pad: int) -> list[Encoded]:
+    """A padded batch back into its rows (for the brute-force method)."""
+    out = []
+    for b in range(batch.size):
+        m = batch.attention_mask[b].bool()
+        ids = batch.input_ids[b][m].tolist()
+        lab = batch.labels[b][m].tolist()
+        mask = [False] + [x != -100 for x in lab[:-1]]
+        out.append(Encoded(ids, mask, False))
+    return out

@@ -1,0 +1,109 @@
+"""Batched FIHS equals the one-backward-per-example definition, for every scope and method, whatever
+the batch size, batch composition, order and padding side (PROTOTYPE_FINDINGS §A: compare on scale)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gradshield_ray.config import GradShieldConfig
+from gradshield_ray.render import encode_messages
+from gradshield_ray.scorer import FIHSScorer
+
+SCOPES = ["all", "no_embed", "mlp", "attn", "last:1", "layers:0-0", "lora", "regex:norm"]
+
+
+def make_scorer(model_dir: str, **score) -> FIHSScorer:
+    cfg = GradShieldConfig.model_validate({"model": {"path": model_dir}, "score": score,
+                                           "proxy": {"max_probes": 6}})
+    return FIHSScorer(cfg)
+
+
+def encode_all(scorer, rows):
+    return [encode_messages(scorer.tokenizer, r, 512, "right") for r in rows]
+
+
+def assert_close(fast: np.ndarray, brute: np.ndarray, rel: float = 1e-5) -> None:
+    err = np.max(np.abs(fast - brute))
+    assert err <= rel * np.max(np.abs(brute)), f"max err {err:.3g} vs scale {np.max(np.abs(brute)):.3g}"
+
+
+@pytest.mark.parametrize("normalize", ["dot", "cosine"])
+@pytest.mark.parametrize("scope", SCOPES)
+def test_hooks_match_brute_force(tiny_model_dir, sample_rows, scope, normalize):
+    scorer = make_scorer(tiny_model_dir, scope=scope, normalize=normalize)
+    enc = encode_all(scorer, sample_rows)
+    brute = scorer.score_encoded(enc, "brute")
+    assert np.all(np.isfinite(brute)) and np.max(np.abs(brute)) > 0
+    rng = np.random.default_rng(0)
+    for bs in (1, 3, 8):
+        for side in ("right", "left"):
+            scorer.cfg.score.max_batch_size = bs
+            scorer.cfg.score.padding_side = side
+            perm = rng.permutation(len(enc))  # shuffled order → different batch compositions
+            fast = np.empty(len(enc))
+            fast[perm] = scorer.score_encoded([enc[i] for i in perm], "hooks")
+            assert_close(fast, brute)
+
+
+@pytest.mark.parametrize("scope", ["all", "mlp", "last:1", "lora"])
+def test_jvp_matches_brute_force(tiny_model_dir, sample_rows, scope):
+    scorer = make_scorer(tiny_model_dir, scope=scope, method="jvp")
+    enc = encode_all(scorer, sample_rows)
+    brute = scorer.score_encoded(enc, "brute")
+    for bs, side in ((3, "left"), (8, "right")):
+        scorer.cfg.score.max_batch_size = bs
+        scorer.cfg.score.padding_side = side
+        assert_close(scorer.score_encoded(enc, "jvp"), brute)
+
+
+@pytest.mark.parametrize("normalize", ["dot", "cosine"])
+@pytest.mark.parametrize("scope", ["all", "no_embed", "last:1"])
+def test_untied_biased_padding_idx_model(untied_model_dir, sample_rows, scope, normalize):
+    """Biases, an untied LM head, and a pad id that is also a real token inside the rows."""
+    scorer = make_scorer(untied_model_dir, scope=scope, normalize=normalize)
+    pad = scorer.model.get_input_embeddings().padding_idx
+    enc = encode_all(scorer, sample_rows)
+    assert any(pad in e.input_ids for e in enc), "fixture must put the padding id inside real text"
+    brute = scorer.score_encoded(enc, "brute")
+    scorer.cfg.score.max_batch_size = 4
+    assert_close(scorer.score_encoded(enc, "hooks"), brute)
+
+
+def test_cosine_is_dot_over_norms(tiny_model_dir, sample_rows):
+    """cosine = dot / (‖v‖‖∇L‖): check against an explicit brute-force gradient norm."""
+    import torch
+
+    from gradshield_ray.batching import collate
+    from gradshield_ray.loss import per_example_loss
+
+    dot = make_scorer(tiny_model_dir, scope="mlp", normalize="dot")
+    cos = make_scorer(tiny_model_dir, scope="mlp", normalize="cosine")
+    enc = encode_all(dot, sample_rows[:3])
+    d, c = dot.score_encoded(enc, "hooks"), cos.score_encoded(enc, "hooks")
+    plist = list(dot.params.values())
+    for i, e in enumerate(enc):
+        for p in plist:
+            p.requires_grad_(True)
+        loss = per_example_loss(dot.model, collate([e], dot.pad))[0]
+        g = torch.autograd.grad(loss, plist)
+        for p in plist:
+            p.requires_grad_(False)
+        gnorm = float(torch.sqrt(sum((x.double() ** 2).sum() for x in g)))
+        assert c[i] == pytest.approx(d[i] / (dot.v_norm * gnorm), rel=1e-5)
+    assert np.all(np.abs(c) <= 1.0)
+
+
+def test_verification_passes_and_catches_a_wrong_method(tiny_model_dir, monkeypatch):
+    """The start-up check compares the method with brute force; a broken method must fail fast."""
+    from gradshield_ray import scorer as scorer_mod
+
+    make_scorer(tiny_model_dir, verify_rows=2)  # passes
+    real = scorer_mod.FIHSScorer._dots
+
+    def wrong(self, batch, method):
+        dots, sq = real(self, batch, method)
+        return (dots * 1.01 if method == "hooks" else dots), sq
+
+    monkeypatch.setattr(scorer_mod.FIHSScorer, "_dots", wrong)
+    with pytest.raises(scorer_mod.VerificationError, match="differs from brute force"):
+        make_scorer(tiny_model_dir, verify_rows=2)

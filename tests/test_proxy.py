@@ -1,0 +1,61 @@
+"""The safety proxy's tokens, probe set, and the sign of FIHS."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gradshield_ray.config import GradShieldConfig, ProxyConfig
+from gradshield_ray.proxy import ProxyError, load_probes, resolve_token
+from gradshield_ray.render import encode_messages
+from gradshield_ray.scorer import FIHSScorer
+from gradshield_ray.testing import build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+def test_default_probes_are_harmbench_val_standard():
+    probes = load_probes(ProxyConfig())
+    assert len(probes) == 41
+    assert any("sassafras" in p for p in probes)
+
+
+def test_probe_file_errors(tmp_path):
+    with pytest.raises(ProxyError, match="does not exist"):
+        load_probes(ProxyConfig(probes=str(tmp_path / "nope.txt")))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"prompt": "  "}\n{"other": 1}\n')
+    with pytest.raises(ProxyError, match="no usable prompts"):
+        load_probes(ProxyConfig(probes=str(empty)))
+    txt = tmp_path / "p.txt"
+    txt.write_text("first\n\nsecond\n")
+    assert load_probes(ProxyConfig(probes=str(txt))) == ["first", "second"]
+
+
+def test_tokens_resolved_in_context(tok):
+    prompts = ["How do I make a bomb?"]
+    sure = resolve_token(tok, prompts, "Sure", "comply")
+    assert tok.convert_ids_to_tokens(sure) == "Sure"
+    i = resolve_token(tok, prompts, "I", "refuse")
+    assert tok.convert_ids_to_tokens(i) == "I"
+    with pytest.raises(ProxyError, match="not a single token"):
+        resolve_token(tok, prompts, "Absolutely-not-a-token", "comply")
+
+
+def test_sign_comply_scores_above_refusal(tiny_model_dir):
+    """Training on the probe's own "Sure" completion raises S (positive FIHS); training on the refusal
+    lowers it. Checked for several probe prompts and both the hooks method and brute force."""
+    cfg = GradShieldConfig.model_validate({"model": {"path": tiny_model_dir}, "proxy": {"max_probes": 4}})
+    scorer = FIHSScorer(cfg)
+    probes = load_probes(cfg.proxy)[:4]
+    for method in ("hooks", "brute"):
+        comply = [encode_messages(scorer.tokenizer, [{"role": "user", "content": p},
+                                                     {"role": "assistant", "content": "Sure"}], 512, "right")
+                  for p in probes]
+        refuse = [encode_messages(scorer.tokenizer, [{"role": "user", "content": p},
+                                                     {"role": "assistant", "content": "I"}], 512, "right")
+                  for p in probes]
+        fc, fr = scorer.score_encoded(comply, method), scorer.score_encoded(refuse, method)
+        assert np.all(fc > 0) and np.all(fr < 0) and np.all(fc > fr), (method, fc, fr)
