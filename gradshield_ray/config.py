@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from gradshield_ray.storage import StorageConfig
 from gradshield_ray.threshold import ThresholdConfig
 
 
@@ -106,6 +107,16 @@ class ScoreConfig(_Section):
         return self
 
 
+class RayConfig(_Section):
+    """How the Ray pipeline maps onto a cluster (ignored by the single-process runner)."""
+
+    num_actors: int = Field(1, gt=0)  # scorer actors; one model copy each (one per GPU)
+    num_gpus_per_actor: float = Field(1.0, ge=0)
+    num_cpus_per_actor: float = Field(1.0, ge=0)
+    batch_rows: int = Field(256, gt=0)  # rows per scorer call; micro-batched inside by token budget
+    render_num_cpus: float = Field(1.0, gt=0)
+
+
 class GradShieldConfig(_Section):
     """A whole run: model, data layout, proxy, scoring, threshold, and where to read and write."""
 
@@ -116,6 +127,8 @@ class GradShieldConfig(_Section):
     proxy: ProxyConfig = ProxyConfig()
     score: ScoreConfig = ScoreConfig()
     threshold: ThresholdConfig = ThresholdConfig()
+    storage: StorageConfig = StorageConfig()
+    ray: RayConfig = RayConfig()
     rows_per_batch: int = Field(256, gt=0)  # rows handed to the scorer at a time
 
     @classmethod

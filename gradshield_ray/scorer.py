@@ -5,8 +5,7 @@ This is the object a Ray Data actor holds; it knows nothing about Ray or files.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -16,7 +15,7 @@ from gradshield_ray.batching import collate, micro_batches
 from gradshield_ray.config import GradShieldConfig
 from gradshield_ray.model import load_model, pad_id
 from gradshield_ray.proxy import load_probes, probe_prefixes, reference_direction, resolve_token
-from gradshield_ray.render import Encoded, RenderError, encode_messages, encode_row
+from gradshield_ray.render import Encoded, encode_messages
 from gradshield_ray.scope import select_parameters, wrap_lora
 
 SCORE_COLUMNS = ("fihs", "gs_n_tokens", "gs_n_loss_tokens", "gs_truncated", "gs_error")
@@ -32,7 +31,6 @@ class ScoreStats:
     tokens: int = 0
     padded_tokens: int = 0
     seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class FIHSScorer:
@@ -91,30 +89,6 @@ class FIHSScorer:
         self.stats.rows += len(encoded)
         self.stats.tokens += sum(e.n_tokens for e in encoded)
         return out
-
-    def score_rows(self, rows: list[dict[str, Any]]) -> dict[str, list]:
-        """Score columns for a list of input rows; unrenderable or non-finite rows get an error reason."""
-        cols: dict[str, list] = {c: [None] * len(rows) for c in SCORE_COLUMNS}
-        encoded, where = [], []
-        for i, row in enumerate(rows):
-            try:
-                e = encode_row(self.tokenizer, row, self.cfg.data)
-            except RenderError as err:
-                cols["gs_error"][i] = str(err)
-                continue
-            encoded.append(e)
-            where.append(i)
-            cols["gs_n_tokens"][i] = e.n_tokens
-            cols["gs_n_loss_tokens"][i] = e.n_loss_tokens
-            cols["gs_truncated"][i] = e.truncated
-        if encoded:
-            scores = self.score_encoded(encoded)
-            for i, s in zip(where, scores):
-                if np.isfinite(s):
-                    cols["fihs"][i] = float(s)
-                else:
-                    cols["gs_error"][i] = f"non-finite score ({s})"
-        return cols
 
     # ---------------------------------------------------------------- verification
     def _verification_rows(self, prompts: list[str]) -> list[Encoded]:

@@ -1,0 +1,137 @@
+"""The single-process runner over local Parquet: score → threshold → filter, one file at a time.
+
+Layout under the output directory (input layout mirrored below each folder):
+  scored/   every input column + gs_row_id + fihs, gs_n_tokens, gs_n_loss_tokens, gs_truncated, gs_error
+  kept/     scored rows with fihs ≤ τ        removed/  scored rows with fihs > τ
+  errors/   rows that could not be scored, with gs_error
+  threshold.json, histogram.png, report.json (written last)
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gradshield_ray import report
+from gradshield_ray.config import GradShieldConfig
+from gradshield_ray.parquet_io import InputError, iter_batches, list_parquet, write_table
+from gradshield_ray.summary import ScoreSummary
+from gradshield_ray.tables import (
+    SCORE_SCHEMA, ROW_ID, check_input_schema, finite_scores, score_table, split_table,
+)
+from gradshield_ray.threshold import ThresholdDecision, decide
+
+log = logging.getLogger("gradshield_ray")
+SPLITS = ("kept", "removed", "errors")
+
+
+def _out(cfg: GradShieldConfig) -> Path:
+    if not cfg.output:
+        raise ValueError("output is not set (--output or `output:` in the config)")
+    return Path(cfg.output)
+
+
+def preflight(cfg: GradShieldConfig) -> tuple[Path, list[Path], int]:
+    """List the input, check every file's schema and count rows before any model is loaded."""
+    if not cfg.input:
+        raise ValueError("input is not set (--input or `input:` in the config)")
+    root, files = list_parquet(cfg.input)
+    total = 0
+    for f in files:
+        try:
+            meta = pq.ParquetFile(f)
+        except Exception as e:
+            raise InputError(f"{f}: not a readable Parquet file ({e})") from None
+        check_input_schema(meta.schema_arrow, cfg.data, str(f))
+        total += meta.metadata.num_rows
+    if total == 0:
+        raise InputError(f"input {cfg.input!r} has no rows")
+    return root, files, total
+
+
+def run_score(cfg: GradShieldConfig, scorer=None) -> dict[str, Any]:
+    """Score every input row into scored/ (one output file per input file)."""
+    from gradshield_ray.scorer import FIHSScorer
+
+    root, files, total = preflight(cfg)
+    out = _out(cfg)
+    scorer = scorer or FIHSScorer(cfg)
+    t0, done = time.perf_counter(), 0
+    for f in files:
+        rel = f.relative_to(root)
+        parts, offset = [], 0
+        for table in iter_batches(f, cfg.rows_per_batch):
+            ids = [f"{rel.as_posix()}:{offset + i}" for i in range(table.num_rows)]
+            parts.append(score_table(scorer, table, ids))
+            offset += table.num_rows
+            done += table.num_rows
+            rate = done / max(time.perf_counter() - t0, 1e-9)
+            log.info("scored %d/%d rows (%.1f rows/s, ETA %.0fs)", done, total, rate, (total - done) / rate)
+        if not parts:  # a zero-row file still gets its (empty) outputs
+            schema = pq.ParquetFile(f).schema_arrow.append(pa.field(ROW_ID, pa.string()))
+            for fld in SCORE_SCHEMA:
+                schema = schema.append(fld)
+            parts = [schema.empty_table()]
+        write_table(pa.concat_tables(parts), out / "scored" / rel)
+    return {"rows": done, "files": len(files), "seconds": time.perf_counter() - t0,
+            "tokens": scorer.stats.tokens, "padded_tokens": scorer.stats.padded_tokens,
+            "proxy": {"S_theta0": scorer.s0, "v_norm": scorer.v_norm, "n_probes": scorer.n_probes,
+                      "comply_id": scorer.comply_id, "refuse_id": scorer.refuse_id}}
+
+
+def scored_files(cfg: GradShieldConfig) -> tuple[Path, list[Path]]:
+    d = _out(cfg) / "scored"
+    if not d.is_dir():
+        raise InputError(f"{d} does not exist: run `gradshield-ray score` first")
+    return list_parquet(d)
+
+
+def run_threshold(cfg: GradShieldConfig) -> tuple[ThresholdDecision, ScoreSummary]:
+    """The global reduce: a mergeable summary of every fihs value → the policy's τ."""
+    _, files = scored_files(cfg)
+    summary = ScoreSummary.empty()
+    for f in files:
+        summary = summary.merge(ScoreSummary.from_values(finite_scores(pq.read_table(f, columns=["fihs"]))))
+    decision = decide(summary, cfg.threshold)
+    report.write_json({"tau": decision.tau, "policy": decision.policy, "evidence": decision.evidence,
+                       "summary": summary.to_dict()}, _out(cfg) / "threshold.json")
+    return decision, summary
+
+
+def run_filter(cfg: GradShieldConfig, scorer=None) -> dict[str, Any]:
+    """score → threshold → split; report.json is written last, after every shard exists."""
+    out = _out(cfg)
+    (out / "report.json").unlink(missing_ok=True)  # never leave a stale report beside new shards
+    score_info = run_score(cfg, scorer)
+    decision, summary = run_threshold(cfg)
+    root, files = scored_files(cfg)
+    counts = {k: 0 for k in ("input", *SPLITS)}
+    for f in files:
+        scored = pq.read_table(f)
+        counts["input"] += scored.num_rows
+        for name, part in split_table(scored, decision.tau).items():
+            counts[name] += part.num_rows
+            write_table(part, out / name / f.relative_to(root))
+    assert counts["input"] == counts["kept"] + counts["removed"] + counts["errors"]
+    report.histogram_png(summary, decision.tau, out / "histogram.png")
+    rep = {
+        "complete": True,
+        "counts": counts,
+        "tau": decision.tau,
+        "policy": decision.policy,
+        "evidence": decision.evidence,
+        "scores": {"count": summary.count, "mean": summary.mean, "std": summary.std,
+                   "min": summary.min, "max": summary.max,
+                   "quantiles": {str(q): summary.quantile(q) for q in (0.01, 0.5, 0.9, 0.99)}},
+        "scoring": score_info,
+        "model": {"path": cfg.model.path, "fingerprint": report.model_fingerprint(cfg.model.path)},
+        "code_version": report.code_version(),
+        "config": cfg.to_public_dict(),
+        "outputs": {k: str(out / k) for k in ("scored", *SPLITS)} | {"histogram": str(out / "histogram.png")},
+    }
+    report.write_json(rep, out / "report.json")
+    return rep
