@@ -1,0 +1,338 @@
+"""Threshold policies: turn the global ``ScoreSummary`` into a removal threshold.
+
+Rows with ``score > tau`` are removed; ``tau = +inf`` keeps everything.  Every
+policy is a deterministic function of ``(summary, config)`` and returns a
+``ThresholdDecision`` whose ``evidence`` is plain JSON (non-finite -> ``None``).
+
+Adaptive rule (needs no knowledge of the harmful ratio; defaults were tuned on
+synthetic shapes only, see ``tests/test_threshold.py``):
+
+0. No finite scores -> ``ValueError``.  All scores identical -> keep all.
+1. Fit space.  ``z = (x - median) / s`` with ``s = 1.4826 * MAD`` (the exact
+   std when the MAD is 0 at bin resolution) and ``y = asinh(z / c)``,
+   ``c = transform_scale = 3``: linear within ~3 robust sd, logarithmic beyond.
+   Why: on raw scores a benign heavy tail (Student-t) makes EM spend a wide
+   component on the tail and hide a far harmful cluster; in ``y`` the tail is
+   compressed and the cluster stands out.  The map is monotone, so ``tau``
+   maps back exactly.
+2. Fit ``N(mu, sigma)`` and 2-component GMMs by EM on the *binned* data (bin
+   centres weighted by counts, Sheppard bin-width variance), started from
+   several deterministic quantile splits (``init_quantiles``).
+   ``Lambda = LL_gmm - LL_single``.
+3. A GMM counts as "a harmful population exists" only if ALL hold:
+   a. ``2*Lambda > chi2_3.ppf(1 - alpha)`` (significance) AND
+      ``Lambda / N >= min_lambda_per_row`` (effect size: total Lambda grows
+      with N, so any non-Gaussianity is "significant" at 1e7 rows);
+   b. the high-mean component is a minority: ``weight <= max_weight``;
+   c. Ashman's ``D = sqrt(2)|mu_h - mu_l| / sqrt(s_l^2 + s_h^2) >=
+      min_separation``.  A spike-vs-tail split has two components with the
+      same mean, so ``D ~ 0``;
+   d. the raw histogram has a real dip: the density in a 1-sigma window at
+      ``tau`` is ``<= max_dip_ratio`` times the density within +-1 sigma of the
+      high mean, and significantly so (binomial test at ``alpha``).  Why: asinh
+      turns a benign one-sided tail (spike + exponential / lognormal tail)
+      into a separated-looking bump, but in raw scores that tail decreases
+      monotonically, whereas a harmful cluster is a bump of its own.
+   The highest-likelihood passing GMM wins, so a spike + tail + cluster corpus
+   (whose best 2-GMM splits spike vs rest) still finds the cluster.
+4. Harmful population: ``tau`` = the point between the component means where
+   the high component's posterior is 0.5 (``brentq`` in ``y``; posteriors are
+   invariant under the monotone map), mapped back to raw scores.
+5. Otherwise only the far tail goes: ``tau = max(median + k*1.4826*MAD,
+   mean + k*std)`` with ``k = 5``.  The MAD bound alone removed ~20 % of a
+   benign spike + one-sided tail; the moment bound caps removal at
+   ``1/(1+k^2)`` for any distribution (Cantelli) and is ~0 for light tails.
+
+Evidence: ``Lambda``, ``Lambda_per_row``, ``single_gaussian`` and
+``components`` are in the fit space ``y`` (``evidence["transform"]``);
+``mu_raw`` maps a component mean back to raw scores.  ``candidates`` lists
+every EM start with its checks, ``branch``/``reason`` say what was decided.
+
+Known limits: scores are assumed continuous (integer-valued scores show
+"dips" between atoms); a harmful cluster needs a few dozen rows and must be
+a minority; harmful rows that do not form their own bump are not found.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from scipy import optimize, stats
+
+from gradshield_ray.summary import ScoreSummary
+
+MAD_TO_SIGMA = 1.4826
+
+
+class ThresholdConfig(BaseModel):
+    """Which policy to apply and its knobs (defaults documented in the module)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policy: Literal["adaptive", "fixed", "top_fraction", "keep_all"] = "adaptive"
+    tau: float | None = Field(default=None, allow_inf_nan=False, description="fixed: remove score > tau")
+    fraction: float | None = Field(default=None, gt=0, lt=1, description="top_fraction: share removed")
+    # adaptive knobs
+    alpha: float = Field(default=1e-3, gt=0, lt=1, description="significance of the LR and dip tests")
+    min_lambda_per_row: float = Field(default=0.1, ge=0, description="effect size (Lambda / N)")
+    min_separation: float = Field(default=2.0, ge=0, description="Ashman's D in fit space")
+    max_weight: float = Field(default=0.5, gt=0, le=1, description="max weight of the high component")
+    max_dip_ratio: float = Field(default=0.6, gt=0, description="density at tau / density at high mean")
+    k: float = Field(default=5.0, gt=0, description="tail bound width when nothing harmful is found")
+    transform_scale: float = Field(default=3.0, gt=0, description="c in y = asinh(z / c)")
+    em_max_iter: int = Field(default=200, ge=1)
+    em_tol: float = Field(default=1e-8, gt=0, description="relative log-likelihood change")
+    init_quantiles: tuple[Annotated[float, Field(gt=0, lt=1)], ...] = Field(
+        default=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98), min_length=1,
+        description="deterministic EM starts: split the data at these quantiles",
+    )
+
+    @model_validator(mode="after")
+    def _policy_fields(self) -> ThresholdConfig:
+        if self.policy == "fixed" and self.tau is None:
+            raise ValueError("tau is required when policy='fixed'")
+        if self.policy == "top_fraction" and self.fraction is None:
+            raise ValueError("fraction is required when policy='top_fraction'")
+        if self.tau is not None and self.policy != "fixed":
+            raise ValueError(f"tau is only used by policy='fixed', not {self.policy!r}")
+        if self.fraction is not None and self.policy != "top_fraction":
+            raise ValueError(f"fraction is only used by policy='top_fraction', not {self.policy!r}")
+        return self
+
+
+@dataclass(frozen=True)
+class ThresholdDecision:
+    """Remove rows with score > tau (tau = +inf keeps all); evidence is JSON."""
+
+    tau: float
+    policy: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
+Policy = Callable[[ScoreSummary, ThresholdConfig], ThresholdDecision]
+
+
+def decide(summary: ScoreSummary, cfg: ThresholdConfig | None = None) -> ThresholdDecision:
+    """Apply ``cfg.policy`` (default: adaptive) to a global score summary."""
+    cfg = cfg or ThresholdConfig()
+    if summary.count == 0:
+        raise ValueError(
+            f"no finite scores to threshold (summary is empty; n_nonfinite={summary.n_nonfinite})"
+        )
+    return POLICIES[cfg.policy](summary, cfg)
+
+
+# ---- simple policies --------------------------------------------------------
+def _decision(summary: ScoreSummary, tau: float, cfg: ThresholdConfig, **extra: Any) -> ThresholdDecision:
+    removed = 0.0 if math.isinf(tau) else summary.count - summary.count_below(tau)
+    evidence = {"n_rows": summary.count, "n_nonfinite": summary.n_nonfinite,
+                "expected_removed": removed, **extra, "config": cfg.model_dump(mode="json")}
+    return ThresholdDecision(tau=float(tau), policy=cfg.policy, evidence=_jsonable(evidence))
+
+
+def _fixed(summary: ScoreSummary, cfg: ThresholdConfig) -> ThresholdDecision:
+    assert cfg.tau is not None
+    return _decision(summary, cfg.tau, cfg)
+
+
+def _top_fraction(summary: ScoreSummary, cfg: ThresholdConfig) -> ThresholdDecision:
+    """tau = (1 - fraction) quantile; removal matches ``fraction`` only to bin resolution."""
+    assert cfg.fraction is not None
+    return _decision(summary, float(summary.quantile(1.0 - cfg.fraction)), cfg)
+
+
+def _keep_all(summary: ScoreSummary, cfg: ThresholdConfig) -> ThresholdDecision:
+    return _decision(summary, math.inf, cfg)
+
+
+# ---- adaptive policy --------------------------------------------------------
+def _norm_logpdf(x: npt.ArrayLike, mu: npt.ArrayLike, var: npt.ArrayLike) -> np.ndarray:
+    x, mu, var = np.asarray(x), np.asarray(mu), np.asarray(var)
+    return np.asarray(-0.5 * (np.log(2 * np.pi * var) + (x - mu) ** 2 / var))
+
+
+def _weighted_quantile(x: np.ndarray, w: np.ndarray, q: float | np.ndarray) -> np.ndarray:
+    """Inverted-CDF quantile of values ``x`` with counts ``w`` (x need not be sorted)."""
+    order = np.argsort(x, kind="stable")
+    cum = np.cumsum(w[order])
+    return np.asarray(x[order][np.minimum(np.searchsorted(cum, np.asarray(q) * cum[-1]), len(x) - 1)])
+
+
+@dataclass
+class _Gmm:
+    weight: np.ndarray  # (2,), component 0 = low mean, 1 = high mean
+    mu: np.ndarray
+    var: np.ndarray
+    ll: float
+    init_q: float
+
+
+def _component_logp(y: np.ndarray, bv: np.ndarray, wt: np.ndarray, mu: np.ndarray, var: np.ndarray) -> np.ndarray:
+    """Expected log(weight * pdf) over each bin (bin treated as uniform: -bv / 2var)."""
+    return np.asarray(np.log(wt)[:, None] + _norm_logpdf(y[None, :], mu[:, None], var[:, None])
+                      - bv[None, :] / (2 * var[:, None]))
+
+
+def _em2(y: np.ndarray, w: np.ndarray, bv: np.ndarray, split: float, var_floor: float,
+         max_iter: int, tol: float, init_q: float) -> _Gmm | None:
+    """2-component EM on weighted bin centres, started from a split at ``split``."""
+    low = y <= split
+    if low.all() or not low.any():
+        return None
+    total = w.sum()
+    wt, mu, var = np.empty(2), np.empty(2), np.empty(2)
+    for j, m in enumerate((low, ~low)):
+        wj = w[m]
+        wt[j] = wj.sum() / total
+        mu[j] = wj @ y[m] / wj.sum()
+        var[j] = max((wj @ (y[m] - mu[j]) ** 2 + wj @ bv[m]) / wj.sum(), var_floor)
+    prev = -np.inf
+    for _ in range(max_iter):
+        lp = _component_logp(y, bv, wt, mu, var)
+        norm = np.logaddexp(lp[0], lp[1])
+        ll = float(w @ norm)
+        resp = np.exp(lp - norm) * w
+        nk = resp.sum(axis=1)
+        if np.any(nk <= 1e-9 * total):
+            return None  # a component died: no 2-population fit from this start
+        wt, mu = nk / total, resp @ y / nk
+        var = np.maximum((resp * (y[None, :] - mu[:, None]) ** 2).sum(axis=1) / nk + resp @ bv / nk, var_floor)
+        if ll - prev <= tol * abs(ll):
+            break
+        prev = ll
+    ll = float(w @ np.logaddexp(*_component_logp(y, bv, wt, mu, var)))
+    order = np.argsort(mu, kind="stable")
+    return _Gmm(wt[order], mu[order], var[order], ll, init_q)
+
+
+def _adaptive(summary: ScoreSummary, cfg: ThresholdConfig) -> ThresholdDecision:
+    x, counts = summary.nonempty()
+    w = counts.astype(np.float64)
+    n = float(summary.count)
+    med = float(_weighted_quantile(x, w, 0.5))
+    mad = float(_weighted_quantile(np.abs(x - med), w, 0.5))
+    robust_bound = med + cfg.k * MAD_TO_SIGMA * mad
+    moment_bound = summary.mean + cfg.k * summary.std
+    # sum of squares can overflow for |x| > ~1e154; then only the robust bound is usable
+    tail_bound = max(robust_bound, moment_bound) if math.isfinite(moment_bound) else robust_bound
+    base = {"robust_bound": robust_bound, "moment_bound": moment_bound, "tail_bound": tail_bound,
+            "median": med, "mad": mad}
+    if len(x) < 2:
+        return _decision(summary, math.inf, cfg, branch="degenerate",
+                         reason="all scores fall in one histogram bin: nothing to separate, keep all", **base)
+
+    # MAD can be 0 at bin resolution (> half the rows in one bin); the std can underflow
+    scale = next(v for v in (MAD_TO_SIGMA * mad, summary.std, summary.max - summary.min)
+                 if v > 0 and math.isfinite(v))
+    c = cfg.transform_scale
+
+    def fwd(v: npt.ArrayLike) -> np.ndarray:
+        return np.asarray(np.arcsinh((np.asarray(v) - med) / (scale * c)))
+
+    def inv(v: npt.ArrayLike) -> np.ndarray:
+        return np.asarray(med + scale * c * np.sinh(np.asarray(v)))
+
+    lo_edge, hi_edge = summary.nonempty_edges()
+    y = fwd(x)
+    bv = (fwd(hi_edge) - fwd(lo_edge)) ** 2 / 12.0  # Sheppard: bin as uniform
+    mu1 = float(w @ y / n)
+    var1 = float((w @ (y - mu1) ** 2 + w @ bv) / n)
+    if not (var1 > 0 and math.isfinite(var1)):  # e.g. |scores| far beyond the 1e12 bin range
+        return _decision(summary, tail_bound, cfg, branch="no_harmful_population",
+                         reason="score spread not resolvable in fit space; removing only the far tail", **base)
+    ll1 = float(w @ (_norm_logpdf(y, mu1, var1) - bv / (2 * var1)))
+    lr_critical = float(stats.chi2.ppf(1 - cfg.alpha, df=3) / 2)
+
+    def assess(g: _Gmm) -> dict[str, Any]:
+        lam = g.ll - ll1
+        sd = np.sqrt(g.var)
+        d = float(math.sqrt(2) * (g.mu[1] - g.mu[0]) / math.sqrt(g.var.sum()))
+
+        def log_post_ratio(t: float) -> float:  # log P(high|t) - log P(low|t)
+            lp = np.log(g.weight) + _norm_logpdf(t, g.mu, g.var)
+            return float(lp[1] - lp[0])
+
+        tau_y = dip = p_dip = math.nan
+        if log_post_ratio(g.mu[0]) < 0 < log_post_ratio(g.mu[1]):
+            tau_y = optimize.brentq(log_post_ratio, g.mu[0], g.mu[1], xtol=1e-12)
+            # raw-score density near tau vs near the high mean (windows in y, lengths in x)
+            bl, bh, al, ah = inv([tau_y - sd[1] / 2, tau_y + sd[1] / 2, g.mu[1] - sd[1], g.mu[1] + sd[1]])
+            cb_lo, cb_hi, ca_lo, ca_hi = np.atleast_1d(summary.count_below(np.array([bl, bh, al, ah])))
+            n_b, n_a, len_b, len_a = cb_hi - cb_lo, ca_hi - ca_lo, bh - bl, ah - al
+            dip = (n_b / len_b) / (n_a / len_a) if n_a > 0 else math.inf
+            # P(window at tau holds <= n_b rows | equal density in both windows)
+            p_dip = float(stats.binom.cdf(round(n_b), round(n_a + n_b), len_b / (len_a + len_b)))
+        checks = {
+            "lr_significant": lam > lr_critical,
+            "lambda_per_row": lam / n >= cfg.min_lambda_per_row,
+            "high_is_minority": g.weight[1] <= cfg.max_weight,
+            "separated": d >= cfg.min_separation,
+            "posterior_crossing": math.isfinite(tau_y),
+            "raw_dip": dip <= cfg.max_dip_ratio and p_dip <= cfg.alpha,
+        }
+        return {
+            "init_quantile": g.init_q, "log_likelihood": g.ll, "Lambda": lam, "Lambda_per_row": lam / n,
+            "components": [{"weight": g.weight[j], "mu": g.mu[j], "sigma": sd[j], "mu_raw": float(inv(g.mu[j]))}
+                           for j in (0, 1)],
+            "ashman_d": d, "tau_fit_space": tau_y, "tau": float(inv(tau_y)) if math.isfinite(tau_y) else None,
+            "dip_ratio": dip, "dip_p_value": p_dip,
+            "checks": checks, "passed": all(checks.values()),
+        }
+
+    splits = _weighted_quantile(y, w, np.array(cfg.init_quantiles))
+    fits = (_em2(y, w, bv, s, 1e-4 * var1, cfg.em_max_iter, cfg.em_tol, q)
+            for s, q in zip(splits, cfg.init_quantiles, strict=True))
+    candidates = [assess(g) for g in fits if g is not None]
+    passing = [cand for cand in candidates if cand["passed"]]
+    pool = passing or candidates
+    chosen = max(pool, key=lambda cand: cand["log_likelihood"]) if pool else None
+
+    evidence: dict[str, Any] = {
+        **base,
+        "transform": {"median": med, "scale": scale, "c": c, "fit_space": "y = asinh((x - median) / (scale * c))"},
+        "single_gaussian": {"mu": mu1, "sigma": math.sqrt(var1), "log_likelihood": ll1},
+        "lr_critical": lr_critical,
+        "candidates": candidates,
+    }
+    if chosen is not None:
+        evidence.update(Lambda=chosen["Lambda"], Lambda_per_row=chosen["Lambda_per_row"],
+                        components=chosen["components"],
+                        separation={"ashman_d": chosen["ashman_d"], "dip_ratio": chosen["dip_ratio"],
+                                    "dip_p_value": chosen["dip_p_value"]},
+                        checks=chosen["checks"])
+    if passing:
+        assert chosen is not None
+        return _decision(summary, chosen["tau"], cfg, branch="harmful_population",
+                         reason="separated minority component with a raw-score dip: cut at posterior 0.5",
+                         **evidence)
+    why = ("no 2-component fit" if chosen is None else
+           "failed: " + ", ".join(k for k, ok in chosen["checks"].items() if not ok))
+    return _decision(summary, tail_bound, cfg, branch="no_harmful_population",
+                     reason=f"{why}; removing only the far tail above max(robust, moment) bound", **evidence)
+
+
+POLICIES: dict[str, Policy] = {
+    "adaptive": _adaptive,
+    "fixed": _fixed,
+    "top_fraction": _top_fraction,
+    "keep_all": _keep_all,
+}
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain-JSON copy: numpy scalars -> Python, non-finite floats -> None."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
