@@ -49,18 +49,24 @@ def collate(examples: list[Encoded], pad_id: int, padding_side: str = "right") -
     return Batch(ids, attn, position_ids, labels)
 
 
-def micro_batches(lengths: list[int], token_budget: int, max_batch_size: int) -> list[list[int]]:
-    """Group row indices into micro-batches: sorted by length (little padding), each with
-    batch_size × longest_length ≤ token_budget (a row longer than the budget goes alone)."""
+def micro_batches(lengths: list[int], token_budget: int, max_batch_size: int,
+                  max_padding: float = 1.0) -> list[list[int]]:
+    """Group row indices into micro-batches: sorted by length, each with batch_size × longest ≤
+    token_budget (a row longer than the budget goes alone) and padded positions ≤ max_padding of the
+    batch (a new batch starts when the next, longer row would pad the shorter ones past it)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     out: list[list[int]] = []
     cur: list[int] = []
+    real = 0
     for i in order:
         longest = lengths[i]  # ascending order: the newcomer is the longest
-        if cur and ((len(cur) + 1) * longest > token_budget or len(cur) >= max_batch_size):
+        n = len(cur) + 1
+        if cur and (n * longest > token_budget or len(cur) >= max_batch_size
+                    or 1 - (real + longest) / (n * longest) > max_padding):
             out.append(cur)
-            cur = []
+            cur, real = [], 0
         cur.append(i)
+        real += longest
     if cur:
         out.append(cur)
     return out

@@ -80,7 +80,7 @@ SCOPE_PATTERN = re.compile(r"^(all|no_embed|mlp|attn|lora|last:\d+|layers:\d+-\d
 class ScoreConfig(_Section):
     """How FIHS is computed: method, parameter scope, normalization and batching."""
 
-    method: Literal["hooks", "brute", "jvp"] = "hooks"
+    method: Literal["hooks", "brute", "jvp", "vmap"] = "hooks"
     # Default until the efficacy measurements (issue 4) decide: the paper's plain definition, all
     # parameters with a raw dot product; on a real LM (PROTOTYPE_FINDINGS §C) it separated explicit harm
     # perfectly, whereas the toy's favourite (last layer) was the worst scope there.
@@ -89,6 +89,10 @@ class ScoreConfig(_Section):
     lora: LoraScopeConfig = LoraScopeConfig()
     token_budget: int = Field(16384, gt=0)  # padded tokens per micro-batch
     max_batch_size: int = Field(64, gt=0)
+    # v's exact low-rank form V = AᵀB (K = probe tokens) for Linear weights: "auto" uses it where
+    # K·(in+out) < in·out (wide layers, few probe tokens); "always"/"never" force it (tests, debugging)
+    v_factors: Literal["auto", "always", "never"] = "auto"
+    max_padding: float = Field(0.15, gt=0, le=1)  # padded share of a micro-batch; trades batch size for waste
     padding_side: Literal["right", "left"] = "right"
     # Check the batched method against the one-backward-per-example definition on this many rows
     # when the scorer starts; a mismatch (an architecture the hooks do not cover) fails fast.
@@ -102,6 +106,8 @@ class ScoreConfig(_Section):
                 f"score.scope {self.scope!r} is not one of all, no_embed, mlp, attn, lora, last:K, "
                 "layers:A-B, regex:PATTERN"
             )
+        if self.method == "vmap" and self.padding_side != "right":
+            raise ValueError("score.method 'vmap' needs score.padding_side=right")
         if self.method == "jvp" and self.normalize == "cosine":
             raise ValueError("score.method 'jvp' gives ⟨v, ∇L⟩ only; cosine needs ‖∇L‖: use hooks or brute")
         return self

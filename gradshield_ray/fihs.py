@@ -7,6 +7,7 @@
   interact, so one backward of Σ_b L_b gives every row's δ. Weight-gradient GEMMs are never run, and the
   graph starts at the first scoped module. Per-row gradient norms (cosine) use the factored form
   ∇W_b = Σ_n δ_n ⊗ x_n (Gram trick or materialized, whichever is cheaper), with cross terms for tied weights.
+- `vmap`: per-example gradients materialized by torch.func.vmap(grad), then dot/norm (memory-heavy).
 - `jvp`: forward-mode AD along v gives d/dε L_b(θ₀ + εv) = ⟨∇L_b, v⟩ for all rows at once (dot only).
 """
 from __future__ import annotations
@@ -99,6 +100,82 @@ def jvp_dots(model, params: Params, v: Direction, batch: Batch) -> np.ndarray:
     return t.double().cpu().numpy()
 
 
+# ---------------------------------------------------------------- vmap(grad): per-example gradients
+
+
+def vmap_grad(model, params: Params, v: Direction, batch: Batch, cosine: bool, chunk_size: int | None = None
+              ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Materialized per-row gradients (torch.func.vmap over grad), then dot/norm in float64.
+
+    Needs right padding: each row runs alone (batch of one) with no attention mask, and the causal mask
+    alone keeps trailing pads from touching real positions; the full-logits loss has no data-dependent
+    control flow, which vmap cannot trace. Memory grows with rows × |scope| (chunk_size bounds it)."""
+    if bool((batch.attention_mask[:, 0] == 0).any()):
+        raise ValueError("the vmap method needs right padding (score.padding_side=right)")
+    names = list(params)
+    primals = {n: p.detach() for n, p in params.items()}
+    cap = getattr(model.config, "final_logit_softcapping", None)
+
+    def loss(ps, ids, labels):
+        logits = functional_call(model, ps, (), {"input_ids": ids[None], "use_cache": False}).logits[0]
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        ce = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none")
+        m = (labels != -100).to(ce.dtype)
+        return (ce * m).sum() / m.sum()
+
+    with torch.enable_grad():
+        g = vmap(grad(loss), in_dims=(None, 0, 0), chunk_size=chunk_size)(primals, batch.input_ids, batch.labels)
+    dots = sum((g[n].double() * v[n].double()).flatten(1).sum(1) for n in names)
+    sq = sum(g[n].double().pow(2).flatten(1).sum(1) for n in names) if cosine else None
+    return dots.cpu().numpy(), (sq.cpu().numpy() if cosine else None)
+
+
+# ---------------------------------------------------------------- low-rank factors of v
+
+
+class LinearFactorCapture:
+    """Records v's exact low-rank factors for Linear weights while v = ∇S is computed.
+
+    v_W = Σ_k δ_k x_kᵀ over the probe positions k (δ: the output gradient of S, x: the layer input), so
+    V = Aᵀ B with A = [δ_k] (K × out) and B = [x_k] (K × in). The per-row contraction ⟨δ, V x⟩ then
+    costs K·(out + in) per token instead of out·in: a large saving for wide layers and few probe tokens,
+    with no approximation. Only weights used by one module are captured (tied weights stay dense)."""
+
+    def __init__(self, model, params: Params):
+        pids = {id(p) for p in params.values()}
+        counts = Counter(id(p) for _, m in model.named_modules() for p in m.parameters(recurse=False))
+        self.modules = [m for _, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                        and id(m.weight) in pids and counts[id(m.weight)] == 1]
+        self.factors: dict[int, tuple[list, list]] = {id(m.weight): ([], []) for m in self.modules}
+
+    def __enter__(self) -> "LinearFactorCapture":
+        def fwd(mod, args, out):
+            if not out.requires_grad:
+                return
+            x = args[0].detach().reshape(-1, mod.in_features).float()
+            a_list, b_list = self.factors[id(mod.weight)]
+
+            def tap(g):
+                g2 = g.detach().reshape(-1, mod.out_features).float()
+                keep = g2.abs().amax(1) > 0  # rows with no gradient contribute nothing
+                a_list.append(g2[keep])
+                b_list.append(x[keep])
+
+            out.register_hook(tap)
+
+        self._handles = [m.register_forward_hook(fwd) for m in self.modules]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def result(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """param id → (A [K, out], B [K, in]) with v_W = Aᵀ B."""
+        return {pid: (torch.cat(a), torch.cat(b)) for pid, (a, b) in self.factors.items() if a}
+
+
 # ---------------------------------------------------------------- per-layer hooks
 
 
@@ -178,9 +255,12 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 class HookScorer:
     """Batched exact FIHS through module hooks; one instance per model, reused across batches."""
 
-    def __init__(self, model, params: Params, v: Direction, cosine: bool):
+    def __init__(self, model, params: Params, v: Direction, cosine: bool,
+                 factors: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None, use_factors: str = "auto"):
         self.model, self.cosine = model, cosine
         self.v = {id(p): v[n] for n, p in params.items()}
+        self.factors = factors or {}
+        self.use_factors = use_factors
         self.targets: list[tuple[torch.nn.Module, list[tuple[str, torch.nn.Parameter]]]] = []
         self.uses: Counter[int] = Counter()
         for _, module in model.named_modules():
@@ -232,13 +312,26 @@ class HookScorer:
         x2 = _f32(x.detach()).reshape(B, -1, x.shape[-1])
         Vw = self.v[id(w)].to(x2.dtype) if w is not None else None
         Vb = self.v[id(b)].to(x2.dtype) if b is not None else None
-        # keep whichever is smaller alive until backward: x (then ⟨g·V, x⟩) or the tangent u = x·Vᵀ (then ⟨g, u⟩)
-        u = F.linear(x2, Vw) if (Vw is not None and mod.out_features < mod.in_features) else None
+        fac = self.factors.get(id(w)) if w is not None else None
+        if fac is not None and not self.cosine:
+            K = fac[0].shape[0]
+            cheaper = K * (mod.in_features + mod.out_features) < mod.in_features * mod.out_features
+            fac = fac if (self.use_factors == "always" or (self.use_factors == "auto" and cheaper)) else None
+        else:
+            fac = None
+        if fac is not None:  # ⟨g, (AᵀB) x⟩ = ⟨g Aᵀ, x Bᵀ⟩: keep only x Bᵀ ([N, K]) until backward
+            A, Bf = (t.to(x2.dtype) for t in fac)
+            xb, u = x2 @ Bf.T, None
+        else:
+            # keep whichever is smaller alive until backward: x (then ⟨g·V, x⟩) or u = x·Vᵀ (then ⟨g, u⟩)
+            u = F.linear(x2, Vw) if (Vw is not None and mod.out_features < mod.in_features) else None
 
         def tap(g):
             g2 = _f32(g).reshape(B, -1, g.shape[-1])
             per = torch.zeros(B, dtype=torch.float64, device=g.device)
-            if Vw is not None:
+            if fac is not None:
+                per = per + torch.linalg.vecdot(g2 @ A.T, xb).double().sum(1)
+            elif Vw is not None:
                 per = per + (torch.linalg.vecdot(g2, u) if u is not None else
                              torch.linalg.vecdot(g2 @ Vw, x2)).double().sum(1)
             if Vb is not None:

@@ -48,16 +48,19 @@ class FIHSScorer:
         self.refuse_id = resolve_token(self.tokenizer, prompts, cfg.proxy.refuse, "refuse")
         if self.comply_id == self.refuse_id:
             raise ValueError("proxy.comply and proxy.refuse resolve to the same token")
-        self.v, self.s0 = reference_direction(
-            self.model, self.params, probe_prefixes(self.tokenizer, prompts), self.comply_id,
-            self.refuse_id, self.pad, self.device, cfg.proxy.batch_size,
-        )
+        with fihs.LinearFactorCapture(self.model, self.params) as capture:
+            self.v, self.s0 = reference_direction(
+                self.model, self.params, probe_prefixes(self.tokenizer, prompts), self.comply_id,
+                self.refuse_id, self.pad, self.device, cfg.proxy.batch_size,
+            )
         self.v_norm = fihs.direction_norm(self.v)
         if not np.isfinite(self.v_norm) or self.v_norm == 0.0:
             raise ValueError(f"reference direction has norm {self.v_norm}: the probes' comply−refuse margin "
                              f"does not depend on scope {sc.scope!r}")
         self.n_probes = len(prompts)
-        self.hooks = fihs.HookScorer(self.model, self.params, self.v, sc.normalize == "cosine")
+        factors = capture.result() if sc.v_factors != "never" else None
+        self.hooks = fihs.HookScorer(self.model, self.params, self.v, sc.normalize == "cosine", factors,
+                                     sc.v_factors)
         self.stats = ScoreStats()
         if sc.verify_rows:
             self.verify(self._verification_rows(prompts[: sc.verify_rows]))
@@ -67,6 +70,8 @@ class FIHSScorer:
         cos = self.cfg.score.normalize == "cosine"
         if method == "hooks":
             return self.hooks(batch)
+        if method == "vmap":
+            return fihs.vmap_grad(self.model, self.params, self.v, batch, cos)
         if method == "jvp":
             with torch.no_grad():
                 return fihs.jvp_dots(self.model, self.params, self.v, batch), None
@@ -79,7 +84,8 @@ class FIHSScorer:
         sc = self.cfg.score
         out = np.empty(len(encoded), dtype=np.float64)
         t0 = time.perf_counter()
-        for idx in micro_batches([e.n_tokens for e in encoded], sc.token_budget, sc.max_batch_size):
+        for idx in micro_batches([e.n_tokens for e in encoded], sc.token_budget, sc.max_batch_size,
+                                 sc.max_padding):
             group = [encoded[i] for i in idx]
             batch = collate(group, self.pad, sc.padding_side).to(self.device)
             dots, sq = self._dots(batch, method)

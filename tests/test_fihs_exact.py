@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from gradshield_ray.config import GradShieldConfig
 from gradshield_ray.render import encode_messages
@@ -45,6 +46,22 @@ def test_hooks_match_brute_force(tiny_model_dir, sample_rows, scope, normalize):
             assert_close(fast, brute)
 
 
+@pytest.mark.parametrize("scope", ["all", "no_embed", "mlp", "lora"])
+def test_factored_v_matches_brute_force(untied_model_dir, sample_rows, scope):
+    """v's exact low-rank factors (V = AᵀB over probe tokens) give the same scores as the dense v."""
+    scorer = make_scorer(untied_model_dir, scope=scope, v_factors="always")
+    assert scorer.hooks.factors, "the capture must have recorded factors"
+    for pid, (A, B) in scorer.hooks.factors.items():
+        dense = scorer.hooks.v[pid]
+        assert torch.allclose(A.T @ B, dense, rtol=1e-4, atol=1e-6 * float(dense.abs().max()))
+    enc = encode_all(scorer, sample_rows)
+    brute = scorer.score_encoded(enc, "brute")
+    for side in ("right", "left"):
+        scorer.cfg.score.padding_side = side
+        scorer.cfg.score.max_batch_size = 3
+        assert_close(scorer.score_encoded(enc, "hooks"), brute)
+
+
 @pytest.mark.parametrize("scope", ["all", "mlp", "last:1", "lora"])
 def test_jvp_matches_brute_force(tiny_model_dir, sample_rows, scope):
     scorer = make_scorer(tiny_model_dir, scope=scope, method="jvp")
@@ -54,6 +71,27 @@ def test_jvp_matches_brute_force(tiny_model_dir, sample_rows, scope):
         scorer.cfg.score.max_batch_size = bs
         scorer.cfg.score.padding_side = side
         assert_close(scorer.score_encoded(enc, "jvp"), brute)
+
+
+@pytest.mark.parametrize("normalize", ["dot", "cosine"])
+@pytest.mark.parametrize("scope", ["all", "no_embed", "last:1", "lora"])
+def test_vmap_matches_brute_force(tiny_model_dir, sample_rows, scope, normalize):
+    scorer = make_scorer(tiny_model_dir, scope=scope, normalize=normalize, method="vmap")
+    enc = encode_all(scorer, sample_rows)
+    brute = scorer.score_encoded(enc, "brute")
+    for bs in (1, 3, 8):
+        scorer.cfg.score.max_batch_size = bs
+        assert_close(scorer.score_encoded(enc, "vmap"), brute)
+    scorer.cfg.score.padding_side = "left"
+    with pytest.raises(ValueError, match="needs right padding"):
+        scorer.score_encoded(enc, "vmap")
+
+
+def test_default_method_is_an_exact_one():
+    from gradshield_ray.config import ScoreConfig
+
+    assert ScoreConfig().method in ("hooks", "jvp", "vmap", "brute")
+    assert ScoreConfig().method == "hooks"
 
 
 @pytest.mark.parametrize("normalize", ["dot", "cosine"])
@@ -107,3 +145,25 @@ def test_verification_passes_and_catches_a_wrong_method(tiny_model_dir, monkeypa
     monkeypatch.setattr(scorer_mod.FIHSScorer, "_dots", wrong)
     with pytest.raises(scorer_mod.VerificationError, match="differs from brute force"):
         make_scorer(tiny_model_dir, verify_rows=2)
+
+
+def test_micro_batches_respect_budget_and_padding():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from gradshield_ray.batching import micro_batches
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.integers(1, 300), min_size=1, max_size=80), st.integers(64, 4096),
+           st.integers(1, 16), st.floats(0.05, 1.0))
+    def check(lengths, budget, max_bs, max_pad):
+        batches = micro_batches(lengths, budget, max_bs, max_pad)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))  # every row exactly once
+        for b in batches:
+            longest = max(lengths[i] for i in b)
+            assert len(b) <= max_bs
+            if len(b) > 1:
+                assert len(b) * longest <= budget
+                assert 1 - sum(lengths[i] for i in b) / (len(b) * longest) <= max_pad + 1e-12
+
+    check()
