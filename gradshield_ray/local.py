@@ -118,20 +118,7 @@ def run_filter(cfg: GradShieldConfig, scorer=None) -> dict[str, Any]:
             write_table(part, out / name / f.relative_to(root))
     assert counts["input"] == counts["kept"] + counts["removed"] + counts["errors"]
     report.histogram_png(summary, decision.tau, out / "histogram.png")
-    rep = {
-        "complete": True,
-        "counts": counts,
-        "tau": decision.tau,
-        "policy": decision.policy,
-        "evidence": decision.evidence,
-        "scores": {"count": summary.count, "mean": summary.mean, "std": summary.std,
-                   "min": summary.min, "max": summary.max,
-                   "quantiles": {str(q): summary.quantile(q) for q in (0.01, 0.5, 0.9, 0.99)}},
-        "scoring": score_info,
-        "model": {"path": cfg.model.path, "fingerprint": report.model_fingerprint(cfg.model.path)},
-        "code_version": report.code_version(),
-        "config": cfg.to_public_dict(),
-        "outputs": {k: str(out / k) for k in ("scored", *SPLITS)} | {"histogram": str(out / "histogram.png")},
-    }
+    outputs = {k: str(out / k) for k in ("scored", *SPLITS)} | {"histogram": str(out / "histogram.png")}
+    rep = report.run_report(cfg, counts, decision, summary, score_info, outputs)
     report.write_json(rep, out / "report.json")
     return rep

@@ -373,21 +373,11 @@ def run_pipeline(cfg: GradShieldConfig) -> dict[str, Any]:
     if counts["kept"] + counts["removed"] + counts["errors"] != total:
         raise RunError(f"conservation violated: {counts}")
 
-    rep = {
-        "complete": True,
-        "counts": counts,
-        "tau": decision.tau,
-        "policy": decision.policy,
-        "evidence": decision.evidence,
-        "scores": {"count": summary.count, "mean": summary.mean, "std": summary.std,
-                   "min": summary.min, "max": summary.max},
-        "scoring": {"rows_scored_this_attempt": scored_rows, "tokens_scored_this_attempt": scored_tokens,
-                    "units": len(units), "seconds": time.perf_counter() - t0},
-        "model": {"path": cfg.model.path, "fingerprint": report.model_fingerprint(cfg.model.path)},
-        "code_version": report.code_version(),
-        "config": cfg.to_public_dict(),
-        "outputs": {k: storage.join(cfg.output, k) for k in ("scored", *SPLITS)},
-    }
+    scoring = {"rows_scored_this_attempt": scored_rows, "tokens_scored_this_attempt": scored_tokens,
+               "units": len(units), "seconds": time.perf_counter() - t0}
+    outputs = {k: storage.join(cfg.output, k) for k in ("scored", *SPLITS)}
+    outputs["histogram"] = storage.join(cfg.output, "histogram.png")
+    rep = report.run_report(cfg, counts, decision, summary, scoring, outputs)
     png = io.BytesIO()
     report.histogram_png(summary, decision.tau, png)
     storage.write_bytes(fs, storage.join(out_root, "histogram.png"), png.getvalue())

@@ -38,6 +38,26 @@ def model_fingerprint(path: str) -> str:
     return h.hexdigest()[:16]
 
 
+def run_report(cfg, counts: dict[str, int], decision, summary: ScoreSummary, scoring: dict[str, Any],
+               outputs: dict[str, str]) -> dict[str, Any]:
+    """The report both runners write: counts, τ and its evidence, score statistics, provenance."""
+    return {
+        "complete": True,
+        "counts": counts,
+        "tau": decision.tau,
+        "policy": decision.policy,
+        "evidence": decision.evidence,
+        "scores": {"count": summary.count, "mean": summary.mean, "std": summary.std,
+                   "min": summary.min, "max": summary.max,
+                   "quantiles": {str(q): summary.quantile(q) for q in (0.01, 0.5, 0.9, 0.99)}},
+        "scoring": scoring,
+        "model": {"path": cfg.model.path, "fingerprint": model_fingerprint(cfg.model.path)},
+        "code_version": code_version(),
+        "config": cfg.to_public_dict(),
+        "outputs": outputs,
+    }
+
+
 def _jsonable(x: Any) -> Any:
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
