@@ -104,7 +104,7 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="gs-bench-"))
     try:
-        ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
         model = build_model(root)
         src = make_corpus(root / "in", n_rows=args.rows, n_files=6, seed=1)

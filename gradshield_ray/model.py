@@ -21,9 +21,9 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_model(cfg: ModelConfig):
-    """(model, tokenizer, device) for a local model directory; weights frozen, eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(cfg: ModelConfig):
+    """The model's fast tokenizer with a chat template; fails with the cause named."""
+    from transformers import AutoTokenizer
 
     if not cfg.path:
         raise ModelLoadError("model.path is not set")
@@ -31,6 +31,33 @@ def load_model(cfg: ModelConfig):
         raise ModelLoadError(f"model.path {cfg.path!r} does not exist or is not a directory")
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load tokenizer from {cfg.path!r}: {type(e).__name__}: {e}") from e
+    if cfg.chat_template:
+        tokenizer.chat_template = cfg.chat_template
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelLoadError(f"tokenizer at {cfg.path!r} has no chat_template; set model.chat_template")
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelLoadError("a fast tokenizer is required (offsets locate the assistant tokens)")
+    return tokenizer
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+    """Cheap driver-side check that the checkpoint's config loads (weights load in the workers)."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load model config from {cfg.path!r}: {type(e).__name__}: {e}") from e
+
+
+def load_model(cfg: ModelConfig):
+    """(model, tokenizer, device) for a local model directory; weights frozen, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(cfg)
+    try:
         model = AutoModelForCausalLM.from_pretrained(
             cfg.path,
             dtype=DTYPES[cfg.dtype],
@@ -39,12 +66,6 @@ def load_model(cfg: ModelConfig):
         )
     except Exception as e:
         raise ModelLoadError(f"cannot load model from {cfg.path!r}: {type(e).__name__}: {e}") from e
-    if cfg.chat_template:
-        tokenizer.chat_template = cfg.chat_template
-    if not getattr(tokenizer, "chat_template", None):
-        raise ModelLoadError(f"tokenizer at {cfg.path!r} has no chat_template; set model.chat_template")
-    if not getattr(tokenizer, "is_fast", False):
-        raise ModelLoadError("a fast tokenizer is required (offsets locate the assistant tokens)")
     device = pick_device(cfg.device)
     model.to(device)
     model.eval()

@@ -77,6 +77,15 @@ def resolve_token(tokenizer, prompts: list[str], s: str, what: str) -> int:
     return ids.pop()
 
 
+def resolve_pair(tokenizer, prompts: list[str], cfg: ProxyConfig) -> tuple[int, int]:
+    """(comply id, refuse id), distinct, both single tokens at the start of the assistant turn."""
+    c = resolve_token(tokenizer, prompts, cfg.comply, "comply")
+    r = resolve_token(tokenizer, prompts, cfg.refuse, "refuse")
+    if c == r:
+        raise ProxyError(f"proxy.comply {cfg.comply!r} and proxy.refuse {cfg.refuse!r} resolve to the same token")
+    return c, r
+
+
 def safety_proxy(model, batch_ids: list[list[int]], comply_id: int, refuse_id: int, pad: int,
                  device: torch.device) -> torch.Tensor:
     """Σ over the given probes of logit(comply) − logit(refuse) (a sum, so chunks add up)."""

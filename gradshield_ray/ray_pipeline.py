@@ -101,13 +101,22 @@ def _write_parquet(fs, path: str, table: pa.Table) -> None:
 
 
 @functools.lru_cache(maxsize=2)
-def _tokenizer(path: str, trust_remote_code: bool, chat_template: str | None):
-    from transformers import AutoTokenizer
+def _tokenizer(model_json: str):
+    from gradshield_ray.config import ModelConfig
+    from gradshield_ray.model import load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if chat_template:
-        tok.chat_template = chat_template
-    return tok
+    return load_tokenizer(ModelConfig.model_validate_json(model_json))
+
+
+def preflight(cfg: GradShieldConfig) -> None:
+    """Fail in seconds, on the driver, for mistakes that would otherwise surface inside workers:
+    tokenizer/template, model config, probe set, comply/refuse tokens."""
+    from gradshield_ray.model import check_model_config, load_tokenizer
+    from gradshield_ray.proxy import load_probes, resolve_pair
+
+    tok = load_tokenizer(cfg.model)
+    check_model_config(cfg.model)
+    resolve_pair(tok, load_probes(cfg.proxy), cfg.proxy)
 
 
 # ---------------------------------------------------------------- stages
@@ -160,8 +169,7 @@ def read_render(batch: pa.Table, input_uri: str, storage_json: str, cfg_json: st
         t = t.append_column(ROW_ID, pa.array([f"{u['rel']}:{u['offset'] + i}" for i in range(n)], pa.string()))
         t = t.append_column(UNIT, pa.array([u["rel"] + f"/rg-{u['row_group']:05d}"] * n, pa.string()))
         t = t.append_column(OFFSET, pa.array(np.arange(n, dtype=np.int64) + u["offset"]))
-        m = cfg.model
-        outs.append(render_table(_tokenizer(m.path, m.trust_remote_code, m.chat_template), t, cfg.data))
+        outs.append(render_table(_tokenizer(cfg.model.model_dump_json()), t, cfg.data))
     return pa.concat_tables(outs)
 
 
@@ -278,7 +286,9 @@ def _ray_init() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True,
+        # "local" starts a fresh local Ray even if another one is running on this machine; a cluster is
+        # joined only when RAY_ADDRESS says so (a KubeRay RayJob sets it)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True,
                  configure_logging=False)
 
 
@@ -288,6 +298,7 @@ def run_pipeline(cfg: GradShieldConfig) -> dict[str, Any]:
 
     if not cfg.input or not cfg.output:
         raise RunError("input and output must both be set")
+    preflight(cfg)
     _ray_init()
     fs, out_root = storage.filesystem(cfg.output, cfg.storage)
     manifest_path = storage.join(out_root, "manifest.json")

@@ -14,7 +14,7 @@ from gradshield_ray import fihs
 from gradshield_ray.batching import collate, micro_batches
 from gradshield_ray.config import GradShieldConfig
 from gradshield_ray.model import load_model, pad_id
-from gradshield_ray.proxy import load_probes, probe_prefixes, reference_direction, resolve_token
+from gradshield_ray.proxy import load_probes, probe_prefixes, reference_direction, resolve_pair
 from gradshield_ray.render import Encoded, encode_messages
 from gradshield_ray.scope import select_parameters, wrap_lora
 
@@ -44,10 +44,7 @@ class FIHSScorer:
         self.params = select_parameters(self.model, sc.scope)
         self.pad = pad_id(self.tokenizer, self.model)
         prompts = load_probes(cfg.proxy)
-        self.comply_id = resolve_token(self.tokenizer, prompts, cfg.proxy.comply, "comply")
-        self.refuse_id = resolve_token(self.tokenizer, prompts, cfg.proxy.refuse, "refuse")
-        if self.comply_id == self.refuse_id:
-            raise ValueError("proxy.comply and proxy.refuse resolve to the same token")
+        self.comply_id, self.refuse_id = resolve_pair(self.tokenizer, prompts, cfg.proxy)
         with fihs.LinearFactorCapture(self.model, self.params) as capture:
             self.v, self.s0 = reference_direction(
                 self.model, self.params, probe_prefixes(self.tokenizer, prompts), self.comply_id,

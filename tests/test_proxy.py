@@ -59,3 +59,10 @@ def test_sign_comply_scores_above_refusal(tiny_model_dir):
                   for p in probes]
         fc, fr = scorer.score_encoded(comply, method), scorer.score_encoded(refuse, method)
         assert np.all(fc > 0) and np.all(fr < 0) and np.all(fc > fr), (method, fc, fr)
+
+
+def test_comply_and_refuse_must_differ(tok):
+    from gradshield_ray.proxy import resolve_pair
+
+    with pytest.raises(ProxyError, match="resolve to the same token"):
+        resolve_pair(tok, ["How?"], ProxyConfig(comply="Sure", refuse="Sure"))

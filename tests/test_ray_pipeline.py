@@ -31,7 +31,7 @@ def ray_local():
     import ray
 
     os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, configure_logging=False,
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, configure_logging=False,
              log_to_driver=False)
     yield
     ray.shutdown()
@@ -142,3 +142,21 @@ def test_rerun_with_other_config_refuses(s3, ray_local, corpus, tiny_model_dir):
     with pytest.raises(RunError, match="different score"):
         run_pipeline(cfg_for(tiny_model_dir, url, "s3://corpus/run3", threshold={"policy": "keep_all"},
                              score={"scope": "mlp"}))
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"proxy": {"comply": "Absolutely-not-a-token"}}, "is not a single token"),
+    ({"model": {"path": "/nonexistent"}}, "does not exist"),
+    ({"proxy": {"probes": "/nonexistent/probes.txt"}}, "does not exist"),
+])
+def test_driver_preflight_fails_fast(tmp_path, tiny_model_dir, override, message):
+    """Mistakes that would otherwise surface inside workers fail on the driver, before Ray starts."""
+    import time
+
+    from gradshield_ray.ray_pipeline import run_pipeline
+
+    cfg = cfg_for(tiny_model_dir, "http://127.0.0.1:9", str(tmp_path / "o"), **override)
+    t = time.perf_counter()
+    with pytest.raises(Exception, match=message):
+        run_pipeline(cfg)
+    assert time.perf_counter() - t < 10
