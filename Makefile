@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e ".[ray,test]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[ray,train,test]"
 	touch $(STAMP)
 
 .PHONY: install demo test bench

@@ -267,15 +267,20 @@ def run_identity(cfg: GradShieldConfig) -> dict[str, Any]:
     return {"config": relevant, "model_fingerprint": report.model_fingerprint(cfg.model.path)}
 
 
+def _differences(prev: Any, cur: Any, path: str = "") -> list[str]:
+    """Dotted keys whose values differ. Keys that `prev` lacks are ignored, so a newer version of this
+    tool that adds a config field (with its default) can still resume a run an older one started."""
+    if isinstance(prev, dict) and isinstance(cur, dict):
+        return [d for k in prev for d in _differences(prev[k], cur.get(k), f"{path}.{k}" if path else k)]
+    return [] if prev == cur else [path]
+
+
 def _check_identity(fs, out_root: str, cfg: GradShieldConfig) -> None:
     ident = run_identity(cfg)
     path = storage.join(out_root, "run.json")
     if storage.exists(fs, path):
-        prev = storage.read_json(fs, path)
-        if prev != ident:
-            diff = sorted(k for k in ident["config"] if ident["config"][k] != prev.get("config", {}).get(k))
-            if prev.get("model_fingerprint") != ident["model_fingerprint"]:
-                diff.append("model weights")
+        diff = _differences(storage.read_json(fs, path), ident)
+        if diff:
             raise RunError(f"output {cfg.output!r} holds a run with a different {', '.join(diff)}; "
                            "use a new output prefix")
     else:

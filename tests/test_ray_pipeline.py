@@ -139,7 +139,7 @@ def test_rerun_with_other_config_refuses(s3, ray_local, corpus, tiny_model_dir):
 
     url, _ = s3
     run_pipeline(cfg_for(tiny_model_dir, url, "s3://corpus/run3", threshold={"policy": "keep_all"}))
-    with pytest.raises(RunError, match="different score"):
+    with pytest.raises(RunError, match="different config.score.scope"):
         run_pipeline(cfg_for(tiny_model_dir, url, "s3://corpus/run3", threshold={"policy": "keep_all"},
                              score={"scope": "mlp"}))
 
@@ -160,3 +160,13 @@ def test_driver_preflight_fails_fast(tmp_path, tiny_model_dir, override, message
     with pytest.raises(Exception, match=message):
         run_pipeline(cfg)
     assert time.perf_counter() - t < 10
+
+
+def test_run_identity_tolerates_new_fields_but_not_changes():
+    from gradshield_ray.ray_pipeline import _differences
+
+    prev = {"config": {"score": {"scope": "all", "method": "hooks"}}, "model_fingerprint": "abc"}
+    newer = {"config": {"score": {"scope": "all", "method": "hooks", "max_padding": 0.15}}, "model_fingerprint": "abc"}
+    assert _differences(prev, newer) == []
+    changed = {"config": {"score": {"scope": "mlp", "method": "hooks"}}, "model_fingerprint": "xyz"}
+    assert _differences(prev, changed) == ["config.score.scope", "model_fingerprint"]
