@@ -261,6 +261,7 @@ class HookScorer:
         self.v = {id(p): v[n] for n, p in params.items()}
         self.factors = factors or {}
         self.use_factors = use_factors
+        self._casts: dict = {}
         self.targets: list[tuple[torch.nn.Module, list[tuple[str, torch.nn.Parameter]]]] = []
         self.uses: Counter[int] = Counter()
         for _, module in model.named_modules():
@@ -307,11 +308,21 @@ class HookScorer:
 
         return module.register_forward_hook(fwd, with_kwargs=True)
 
+    def _cast(self, key, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """v (or its factors) in the activations' dtype, converted once per dtype, not per call."""
+        k = (key, dtype)
+        if k not in self._casts:
+            self._casts[k] = t.to(dtype)
+        return self._casts[k]
+
     def _linear(self, mod, names, x, B):
+        """GEMMs run in the activations' dtype (bf16 on GPUs, fp32 accumulation inside); the per-token
+        dot products and the per-row sums in fp32 / fp64."""
         w, b = names.get("weight"), names.get("bias")
-        x2 = _f32(x.detach()).reshape(B, -1, x.shape[-1])
-        Vw = self.v[id(w)].to(x2.dtype) if w is not None else None
-        Vb = self.v[id(b)].to(x2.dtype) if b is not None else None
+        x2 = x.detach().reshape(B, -1, x.shape[-1])
+        dt = x2.dtype
+        Vw = self._cast(id(w), self.v[id(w)], dt) if w is not None else None
+        Vb = self._cast(id(b), self.v[id(b)], dt) if b is not None else None
         fac = self.factors.get(id(w)) if w is not None else None
         if fac is not None and not self.cosine:
             K = fac[0].shape[0]
@@ -320,28 +331,28 @@ class HookScorer:
         else:
             fac = None
         if fac is not None:  # ⟨g, (AᵀB) x⟩ = ⟨g Aᵀ, x Bᵀ⟩: keep only x Bᵀ ([N, K]) until backward
-            A, Bf = (t.to(x2.dtype) for t in fac)
+            A, Bf = self._cast(("A", id(w)), fac[0], dt), self._cast(("B", id(w)), fac[1], dt)
             xb, u = x2 @ Bf.T, None
         else:
             # keep whichever is smaller alive until backward: x (then ⟨g·V, x⟩) or u = x·Vᵀ (then ⟨g, u⟩)
             u = F.linear(x2, Vw) if (Vw is not None and mod.out_features < mod.in_features) else None
 
         def tap(g):
-            g2 = _f32(g).reshape(B, -1, g.shape[-1])
+            g2 = g.reshape(B, -1, g.shape[-1])
             per = torch.zeros(B, dtype=torch.float64, device=g.device)
             if fac is not None:
-                per = per + torch.linalg.vecdot(g2 @ A.T, xb).double().sum(1)
+                per = per + torch.linalg.vecdot(_f32(g2 @ A.T), _f32(xb)).double().sum(1)
             elif Vw is not None:
-                per = per + (torch.linalg.vecdot(g2, u) if u is not None else
-                             torch.linalg.vecdot(g2 @ Vw, x2)).double().sum(1)
+                per = per + (torch.linalg.vecdot(_f32(g2), _f32(u)) if u is not None else
+                             torch.linalg.vecdot(_f32(g2 @ Vw), _f32(x2))).double().sum(1)
             if Vb is not None:
-                per = per + (g2 @ Vb).double().sum(1)
+                per = per + (_f32(g2) @ _f32(Vb)).double().sum(1)
             self._add_dot(per)
             if self.cosine:
                 if w is not None:
-                    self._add_factor(w, _Dense(g2, x2))
+                    self._add_factor(w, _Dense(_f32(g2), _f32(x2)))
                 if b is not None:
-                    self._add_factor(b, _Dense(g2, None))
+                    self._add_factor(b, _Dense(_f32(g2), None))
 
         return tap
 
@@ -354,7 +365,7 @@ class HookScorer:
             g2 = _f32(g).reshape(B, ids2.shape[1], -1)
             if keep is not None:
                 g2 = g2 * keep.unsqueeze(-1)
-            V = self.v[id(w)].to(g2.dtype)
+            V = self._cast(id(w), self.v[id(w)], g2.dtype)
             self._add_dot(torch.linalg.vecdot(g2, F.embedding(ids2, V)).double().sum(1))
             if self.cosine:
                 self._add_factor(w, _OneHot(ids2, g2, mod.num_embeddings))

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gradshield_ray.config import DataConfig
+if TYPE_CHECKING:  # keeps the math importable with torch + transformers alone (the GPU benchmark box)
+    from gradshield_ray.config import DataConfig
 
 ROLES = ("system", "user", "assistant")
 

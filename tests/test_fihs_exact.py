@@ -167,3 +167,16 @@ def test_micro_batches_respect_budget_and_padding():
                 assert 1 - sum(lengths[i] for i in b) / (len(b) * longest) <= max_pad + 1e-12
 
     check()
+
+
+def test_bfloat16_model_scores_close_to_fp32(tiny_model_dir, sample_rows):
+    """bf16 runs the GEMMs in bf16 and the dot products in fp32/fp64: close to the fp32 scores, and the
+    start-up verification passes with its bf16 tolerance."""
+    cfg32 = GradShieldConfig.model_validate({"model": {"path": tiny_model_dir}, "proxy": {"max_probes": 6}})
+    cfg16 = GradShieldConfig.model_validate({"model": {"path": tiny_model_dir, "dtype": "bfloat16"},
+                                             "proxy": {"max_probes": 6}})
+    s32, s16 = FIHSScorer(cfg32), FIHSScorer(cfg16)
+    e32, e16 = encode_all(s32, sample_rows), encode_all(s16, sample_rows)
+    a, b = s32.score_encoded(e32, "hooks"), s16.score_encoded(e16, "hooks")
+    assert np.max(np.abs(a - b)) <= 0.1 * np.max(np.abs(a))
+    assert np.corrcoef(a, b)[0, 1] > 0.99
