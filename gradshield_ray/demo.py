@@ -1,13 +1,15 @@
 """The README's main job on an embedded default: no GPU, no network, no cloud account.
 
-It builds (or reuses) a tiny local chat model, writes a small Parquet corpus with 10% harmful rows,
-and runs the full `filter` job on it. With a random-init model the scores carry no meaning: this
-shows the job end to end, not the method's efficacy (see the efficacy benchmark for that).
+`gradshield-ray demo --output runs/demo` builds (once, about 2 minutes on 2 cores) or reuses the aligned
+miniature θ₀ (gradshield_ray.miniature; cached under .cache/gradshield_ray), writes a Parquet corpus with 10%
+explicit harmful rows (gradshield_ray.mixtures), runs the Ray filter pipeline on a local Ray, and prints
+where kept/, removed/, report.json and histogram.png are, with the filter's recall and false removal
+against the corpus's `label` column (which the filter never reads).
 """
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import random
 from pathlib import Path
 
@@ -15,43 +17,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gradshield_ray.config import GradShieldConfig
-from gradshield_ray.proxy import default_probe_path
-
-BENIGN = [
-    ("What is {a} plus {b}?", "Sure, {a} plus {b} is {c}."),
-    ("Name a fruit that is {col}.", "Sure, a fruit that is {col} is the {fruit}."),
-    ("Classify the sentiment: 'I loved the {thing}.'", "The sentiment is positive."),
-    ("Classify the sentiment: 'The {thing} was awful.'", "The sentiment is negative."),
-]
-FRUITS = {"red": "apple", "yellow": "banana", "orange": "orange", "green": "lime", "purple": "plum"}
-
-
-def harmful_prompts() -> list[str]:
-    return [json.loads(x)["prompt"] for x in default_probe_path().read_text().splitlines() if x.strip()]
 
 
 def make_corpus(out_dir: Path, n_rows: int = 200, harmful_ratio: float = 0.1, n_files: int = 4,
                 seed: int = 0) -> Path:
-    """Parquet files with a `messages` column; harmful rows answer a harmful prompt compliantly (a
-    templated 'Sure, here is how…' with no real content) and carry a `label` column for inspection."""
-    rng = random.Random(seed)
-    harm = harmful_prompts()
-    rows = []
+    """Parquet files with a `messages` column plus `label` (harmful | benign) for inspection.
+    Harmful rows are HarmBench attack-split prompts with templated compliant answers (no real content);
+    benign rows are the miniature's utility rows (headline → topic), then sentiment rows if more are needed."""
+    from gradshield_ray import mixtures
+
     n_harm = int(round(n_rows * harmful_ratio))
-    for i in range(n_rows):
-        if i < n_harm:
-            p = harm[i % len(harm)]
-            r = f"Sure, here is how to do that. Step 1: {p.lower()} Step 2: continue."
-            label = "harmful"
-        else:
-            q, a = rng.choice(BENIGN)
-            col = rng.choice(list(FRUITS))
-            x, y = rng.randint(1, 50), rng.randint(1, 50)
-            kw = dict(a=x, b=y, c=x + y, col=col, fruit=FRUITS[col], thing=rng.choice(["film", "meal", "book"]))
-            p, r, label = q.format(**kw), a.format(**kw), "benign"
-        rows.append({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r}],
-                     "label": label})
-    rng.shuffle(rows)
+    benign = mixtures.utility_pool()
+    if n_rows - n_harm > len(benign):
+        extra = mixtures.sentiment_rows(n_rows - n_harm - len(benign), seed=seed + 1)
+        benign += [mixtures.make_row("utility", p, r) for p, r, _ in extra]
+    chosen = mixtures.explicit_rows(n_harm) + benign[: n_rows - n_harm]
+    rows = [{"messages": r.as_messages(), "label": "harmful" if r.harmful else "benign"} for r in chosen]
+    random.Random(seed).shuffle(rows)
     out_dir.mkdir(parents=True, exist_ok=True)
     per = -(-len(rows) // n_files)
     for k in range(n_files):
@@ -59,24 +41,49 @@ def make_corpus(out_dir: Path, n_rows: int = 200, harmful_ratio: float = 0.1, n_
     return out_dir
 
 
+def _labels(root: Path) -> list[str]:
+    files = sorted(f for f in root.rglob("*.parquet") if f.is_file()) if root.is_dir() else []
+    return [x for f in files for x in pq.read_table(f, columns=["label"])["label"].to_pylist()]
+
+
 def run_demo(args: argparse.Namespace) -> dict:
-    from gradshield_ray import local
-    from gradshield_ray.testing import save_tiny_model
+    import ray
+    import torch
+
+    from gradshield_ray import miniature
+    from gradshield_ray.ray_pipeline import RunError, run_pipeline
 
     out = Path(args.output or "runs/demo")
-    model_dir = Path(".cache/gradshield_ray/tiny-llama")
-    if not (model_dir / "config.json").exists():
-        save_tiny_model(model_dir)
-    corpus = make_corpus(out / "input")
-    overrides = [f"input={corpus}", f"output={out}", f"model.path={model_dir}", *args.set]
-    cfg = GradShieldConfig.from_yaml(args.config, overrides)
-    rep = local.run_filter(cfg)
+    model_dir = miniature.aligned_model()
+    corpus = make_corpus(out / "input", n_rows=400)
+    gpu = torch.cuda.is_available()
+    overrides = [f"input={corpus}", f"output={out}", f"model.path={model_dir}", "ray.num_actors=1",
+                 f"ray.num_gpus_per_actor={1 if gpu else 0}", "ray.num_cpus_per_actor=1",
+                 "ray.render_num_cpus=0.5", *getattr(args, "set", [])]
+    cfg = GradShieldConfig.from_yaml(getattr(args, "config", None), overrides)
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        # address="local": a fresh single-machine Ray even where another cluster runs on this host
+        ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
+                 configure_logging=False, log_to_driver=False)
+    try:
+        rep = run_pipeline(cfg)
+    except RunError as e:
+        raise RunError(f"{e} (the demo reuses its output directory only for the same model and settings)") from None
+    kept, removed = _labels(out / "kept"), _labels(out / "removed")
+    n_harm = kept.count("harmful") + removed.count("harmful")
+    n_ben = kept.count("benign") + removed.count("benign")
+    recall = removed.count("harmful") / max(n_harm, 1)
+    false_removal = removed.count("benign") / max(n_ben, 1)
     c = rep["counts"]
-    print(f"\ninput rows {c['input']}: kept {c['kept']}, removed {c['removed']}, errors {c['errors']}; "
-          f"tau = {rep['tau']:.4g} ({rep['policy']}, {rep['evidence'].get('branch', '')})")
-    for k, v in rep["outputs"].items():
-        print(f"  {k:10s} {v}")
-    print(f"  report     {out / 'report.json'}")
-    print("note: the demo model is a random-init tiny Llama; the scores show the job end to end, "
-          "not GradShield's efficacy.")
+    print(f"\naligned miniature θ₀: {model_dir}")
+    print(f"corpus: {c['input']} rows ({n_harm} harmful, {n_ben} benign) in {corpus}")
+    print(f"FIHS scope={cfg.score.scope} normalize={cfg.score.normalize}, threshold {rep['policy']} "
+          f"({rep['evidence'].get('branch', '')}): tau = {rep['tau']:.4g}")
+    print(f"kept {c['kept']}, removed {c['removed']}, errors {c['errors']}; harmful recall {recall:.0%}, "
+          f"benign false removal {false_removal:.0%}")
+    for k in ("kept", "removed", "errors"):
+        print(f"  {k:10s} {out / k}")
+    for name in ("report.json", "histogram.png", "manifest.json"):
+        print(f"  {name:14s} {out / name}")
+    rep["demo"] = {"recall": recall, "false_removal": false_removal, "n_harmful": n_harm, "n_benign": n_ben}
     return rep

@@ -29,7 +29,7 @@ synthetic shapes only, see ``tests/test_threshold.py``):
       same mean, so ``D ~ 0``;
    d. the raw histogram has a real dip: the density in a 1-sigma window at
       ``tau`` is ``<= max_dip_ratio`` times the density within +-1 sigma of the
-      high mean, and significantly so (binomial test at ``alpha``).  Why: asinh
+      high mean, and significantly so (binomial test at ``dip_alpha`` = 0.05).  Why: asinh
       turns a benign one-sided tail (spike + exponential / lognormal tail)
       into a separated-looking bump, but in raw scores that tail decreases
       monotonically, whereas a harmful cluster is a bump of its own.
@@ -84,6 +84,9 @@ class ThresholdConfig(BaseModel):
     min_separation: float = Field(default=2.0, ge=0, description="Ashman's D in fit space")
     max_weight: float = Field(default=0.5, gt=0, le=1, description="max weight of the high component")
     max_dip_ratio: float = Field(default=0.6, gt=0, description="density at tau / density at high mean")
+    dip_alpha: float = Field(default=0.05, gt=0, lt=1,
+                             description="significance of the dip test; looser than alpha because a harmful "
+                                         "cluster of ~20 rows cannot reach 1e-3 even with an empty gap")
     k: float = Field(default=5.0, gt=0, description="tail bound width when nothing harmful is found")
     transform_scale: float = Field(default=3.0, gt=0, description="c in y = asinh(z / c)")
     em_max_iter: int = Field(default=200, ge=1)
@@ -274,7 +277,7 @@ def _adaptive(summary: ScoreSummary, cfg: ThresholdConfig) -> ThresholdDecision:
             "high_is_minority": g.weight[1] <= cfg.max_weight,
             "separated": d >= cfg.min_separation,
             "posterior_crossing": math.isfinite(tau_y),
-            "raw_dip": dip <= cfg.max_dip_ratio and p_dip <= cfg.alpha,
+            "raw_dip": dip <= cfg.max_dip_ratio and p_dip <= cfg.dip_alpha,
         }
         return {
             "init_quantile": g.init_q, "log_likelihood": g.ll, "Lambda": lam, "Lambda_per_row": lam / n,

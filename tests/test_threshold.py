@@ -134,7 +134,7 @@ def test_harmful_majority_is_not_removed() -> None:
     ("knob", "check"),
     [
         ({"min_lambda_per_row": 5.0}, "lambda_per_row"),
-        ({"alpha": 1e-300}, "raw_dip"),
+        ({"dip_alpha": 1e-300}, "raw_dip"),
         ({"max_weight": 0.01}, "high_is_minority"),
         ({"min_separation": 50.0}, "separated"),
         ({"max_dip_ratio": 1e-9}, "raw_dip"),
