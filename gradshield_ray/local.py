@@ -36,10 +36,16 @@ def _out(cfg: GradShieldConfig) -> Path:
 
 
 def preflight(cfg: GradShieldConfig) -> tuple[Path, list[Path], int]:
-    """List the input, check every file's schema and count rows before any model is loaded."""
+    """List the input, check every file's schema and count rows before any model is loaded. A 0-byte
+    *.parquet file has no rows and is skipped (reported); any other unreadable file fails the run, naming
+    it, because its rows are unknown."""
     if not cfg.input:
         raise ValueError("input is not set (--input or `input:` in the config)")
     root, files = list_parquet(cfg.input)
+    empty = [f for f in files if f.stat().st_size == 0]
+    if empty:
+        log.warning("skipping %d empty (0-byte) input file(s), e.g. %s", len(empty), empty[0])
+        files = [f for f in files if f.stat().st_size > 0]
     total = 0
     for f in files:
         try:
@@ -51,6 +57,18 @@ def preflight(cfg: GradShieldConfig) -> tuple[Path, list[Path], int]:
     if total == 0:
         raise InputError(f"input {cfg.input!r} has no rows")
     return root, files, total
+
+
+def input_inventory(cfg: GradShieldConfig) -> dict[str, Any]:
+    """What the input holds besides the files read: 0-byte *.parquet files (skipped) and files not named
+    *.parquet (not input); written into report.json so nothing is left out silently."""
+    root, files = list_parquet(cfg.input)
+    others = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix != ".parquet") if Path(
+        cfg.input).is_dir() else []
+    rel = lambda ps: [p.relative_to(root).as_posix() for p in ps]  # noqa: E731
+    return {"files": sum(1 for f in files if f.stat().st_size), "empty_files_skipped": rel(
+        f for f in files if not f.stat().st_size), "non_parquet_ignored": rel(others[:100]),
+        "n_non_parquet_ignored": len(others)}
 
 
 def run_score(cfg: GradShieldConfig, scorer=None) -> dict[str, Any]:
@@ -120,5 +138,6 @@ def run_filter(cfg: GradShieldConfig, scorer=None) -> dict[str, Any]:
     report.histogram_png(summary, decision.tau, out / "histogram.png")
     outputs = {k: str(out / k) for k in ("scored", *SPLITS)} | {"histogram": str(out / "histogram.png")}
     rep = report.run_report(cfg, counts, decision, summary, score_info, outputs)
+    rep["inputs"] = input_inventory(cfg)
     report.write_json(rep, out / "report.json")
     return rep

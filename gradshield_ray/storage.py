@@ -31,8 +31,52 @@ class StorageError(OSError):
     """A path or bucket cannot be reached; the message names it (and never a credential)."""
 
 
+_CREDENTIAL_HINT = ("check the credentials (storage.access_key_id / storage.secret_access_key, or AWS_ACCESS_KEY_ID / "
+                    "AWS_SECRET_ACCESS_KEY) and the bucket policy")
+
+
 def _secret(s: SecretStr | None, env: str) -> str | None:
     return s.get_secret_value() if s is not None else os.environ.get(env)
+
+
+def redact(text: str, cfg: StorageConfig) -> str:
+    """`text` with every credential value we know of (config and AWS environment) replaced by '***'.
+    Defence in depth: error texts from the S3 client are not supposed to carry secrets."""
+    for s, env in ((cfg.secret_access_key, "AWS_SECRET_ACCESS_KEY"), (cfg.session_token, "AWS_SESSION_TOKEN"),
+                   (cfg.access_key_id, "AWS_ACCESS_KEY_ID")):
+        value = _secret(s, env)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+def describe_error(e: Exception, uri: str, what: str, cfg: StorageConfig) -> StorageError:
+    """A storage failure as one line that names the cause (credentials, bucket, endpoint), redacted."""
+    msg = str(e)
+    denied = ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "AccessDenied",
+              "InvalidAccessKeyId", "SignatureDoesNotMatch", "HTTP response code: 403")
+    if any(k in msg for k in denied):
+        cause = f"access denied: {_CREDENTIAL_HINT}"
+    elif "NO_SUCH_BUCKET" in msg or "NoSuchBucket" in msg:
+        cause = f"bucket {bucket_of(uri)!r} does not exist"
+    elif "NETWORK_CONNECTION" in msg or "curlCode" in msg:
+        cause = f"cannot reach the storage endpoint ({cfg.endpoint_url or 'the AWS default'})"
+    else:
+        cause = type(e).__name__
+    return StorageError(redact(f"cannot {what} {uri!r}: {cause} ({msg})", cfg))
+
+
+def bucket_of(uri: str) -> str:
+    """The bucket of an s3:// URI ('' for a local path)."""
+    return uri[5:].split("/", 1)[0] if uri.startswith("s3://") else ""
+
+
+def check_bucket(fs: pafs.FileSystem, uri: str) -> None:
+    """Raise StorageError unless the bucket of an s3:// URI exists (a missing bucket otherwise reads as an
+    empty prefix)."""
+    b = bucket_of(uri)
+    if b and fs.get_file_info(b).type == pafs.FileType.NotFound:
+        raise StorageError(f"bucket {b!r} of {uri!r} does not exist (or these credentials cannot see it)")
 
 
 def filesystem(uri: str, cfg: StorageConfig) -> tuple[pafs.FileSystem, str]:
@@ -44,6 +88,9 @@ def filesystem(uri: str, cfg: StorageConfig) -> tuple[pafs.FileSystem, str]:
             "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=cfg.max_attempts),
             "connect_timeout": cfg.connect_timeout_s,
             "request_timeout": cfg.request_timeout_s,
+            # a small write becomes one PutObject on close instead of Create/Upload/CompleteMultipartUpload:
+            # a PUT is idempotent, so a retry after a lost response is safe (a retried Complete is not)
+            "allow_delayed_open": True,
         }
         if endpoint:
             scheme, _, host = endpoint.partition("://")

@@ -40,11 +40,37 @@ def check_input_schema(schema: pa.Schema, cfg: DataConfig, where: str) -> None:
 TOKEN_SCHEMA = pa.schema([("gs_input_ids", pa.list_(pa.int32())), ("gs_loss_mask", pa.list_(pa.bool_()))])
 
 
+def _decode_rows(table: pa.Table) -> tuple[list[dict | None], list[str | None]]:
+    """The rows as Python dicts, and per row the reason it cannot be decoded. Parquet does not enforce
+    UTF-8 in string columns; a row whose text is not valid UTF-8 becomes an error row (its bytes are kept
+    unchanged in the output) instead of failing the whole batch."""
+    try:
+        return table.to_pylist(), [None] * table.num_rows
+    except UnicodeDecodeError:
+        pass
+    rows: list[dict | None] = []
+    errors: list[str | None] = []
+    for i in range(table.num_rows):
+        row, err = {}, None
+        for name in table.column_names:
+            try:
+                row[name] = table[name][i].as_py()
+            except UnicodeDecodeError as e:
+                err = f"invalid UTF-8 in column {name!r} ({e.reason} at byte {e.start})"
+                break
+        rows.append(None if err else row)
+        errors.append(err)
+    return rows, errors
+
+
 def render_table(tokenizer, table: pa.Table, cfg: DataConfig) -> pa.Table:
     """CPU stage: append token ids, loss masks and counts; rows that cannot render get gs_error."""
-    rows = table.select(required_columns(cfg)).to_pylist()
+    rows, decode_errors = _decode_rows(table.select(required_columns(cfg)))
     cols: dict[str, list] = {c: [None] * len(rows) for c in (*TOKEN_SCHEMA.names, *SCORE_SCHEMA.names)}
     for i, row in enumerate(rows):
+        if row is None:
+            cols["gs_error"][i] = decode_errors[i]
+            continue
         try:
             e = encode_row(tokenizer, row, cfg)
         except RenderError as err:
