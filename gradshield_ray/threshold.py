@@ -27,12 +27,21 @@ synthetic shapes only, see ``tests/test_threshold.py``):
    c. Ashman's ``D = sqrt(2)|mu_h - mu_l| / sqrt(s_l^2 + s_h^2) >=
       min_separation``.  A spike-vs-tail split has two components with the
       same mean, so ``D ~ 0``;
-   d. the raw histogram has a real dip: the density in a 1-sigma window at
-      ``tau`` is ``<= max_dip_ratio`` times the density within +-1 sigma of the
-      high mean, and significantly so (binomial test at ``dip_alpha`` = 0.05).  Why: asinh
-      turns a benign one-sided tail (spike + exponential / lognormal tail)
-      into a separated-looking bump, but in raw scores that tail decreases
-      monotonically, whereas a harmful cluster is a bump of its own.
+   d. there is a real dip before the high component: in a valley window
+      (sigma_h wide around ``tau``, or the gap between the components' 2-sigma
+      bounds when it holds ``tau``; either may pass) the density is
+      ``<= max_dip_ratio`` times the density within +-1 sigma of the high
+      mean, both in fit space (significantly: binomial test at ``dip_alpha`` =
+      0.01) and in raw units.  Why: the GMM also fits a benign one-sided tail
+      (spike + exponential / half-normal / lognormal / |t3|) as two
+      "separated" components.  In raw units such a tail decreases
+      monotonically, so its raw ratio is > 1; in fit space its ratio is
+      0.9-3.5 for all but the half-normal shape, against <= 0.12 for the
+      harmful clusters of ``tests/test_threshold.py`` and 0 for the
+      miniature's explicit rows.  Only the fit-space count is tested: a
+      harmful cluster spread over decades (as FIHS dot products are) is thin
+      in raw units, and 10-20 of its rows could never reject equal raw density
+      (an earlier, raw-only version kept every such cluster).
    The highest-likelihood passing GMM wins, so a spike + tail + cluster corpus
    (whose best 2-GMM splits spike vs rest) still finds the cluster.
 4. Harmful population: ``tau`` = the point between the component means where
@@ -87,6 +96,8 @@ class ThresholdConfig(BaseModel):
     dip_alpha: float = Field(default=0.05, gt=0, lt=1,
                              description="significance of the dip test; looser than alpha because a harmful "
                                          "cluster of ~20 rows cannot reach 1e-3 even with an empty gap")
+    gap_alpha: float = Field(default=0.01, gt=0, lt=1,
+                             description="significance of the dip test over the whole gap between the components")
     k: float = Field(default=5.0, gt=0, description="tail bound width when nothing harmful is found")
     transform_scale: float = Field(default=3.0, gt=0, description="c in y = asinh(z / c)")
     em_max_iter: int = Field(default=200, ge=1)
@@ -262,29 +273,56 @@ def _adaptive(summary: ScoreSummary, cfg: ThresholdConfig) -> ThresholdDecision:
             return float(lp[1] - lp[0])
 
         tau_y = dip = p_dip = math.nan
+        dip_space, dip_ok = None, False
         if log_post_ratio(g.mu[0]) < 0 < log_post_ratio(g.mu[1]):
             tau_y = optimize.brentq(log_post_ratio, g.mu[0], g.mu[1], xtol=1e-12)
-            # raw-score density near tau vs near the high mean (windows in y, lengths in x)
-            bl, bh, al, ah = inv([tau_y - sd[1] / 2, tau_y + sd[1] / 2, g.mu[1] - sd[1], g.mu[1] + sd[1]])
-            cb_lo, cb_hi, ca_lo, ca_hi = np.atleast_1d(summary.count_below(np.array([bl, bh, al, ah])))
-            n_b, n_a, len_b, len_a = cb_hi - cb_lo, ca_hi - ca_lo, bh - bl, ah - al
-            dip = (n_b / len_b) / (n_a / len_a) if n_a > 0 else math.inf
-            # P(window at tau holds <= n_b rows | equal density in both windows)
-            p_dip = float(stats.binom.cdf(round(n_b), round(n_a + n_b), len_b / (len_a + len_b)))
+            # The dip: a valley before the high component, judged twice, because neither scale suffices.
+            # Raw units: a benign one-sided tail (spike + exponential / half-normal / lognormal) decreases
+            # there, so its raw density at tau is >= that near the high mean, whatever asinh makes of it;
+            # but a harmful cluster spread over decades (FIHS dot products are) is so thin in raw units
+            # that 10-20 of its rows can never show a *significant* raw dip. Fit space: such a cluster has
+            # an empty valley that is significant, but asinh also gives a spike + half-normal tail one.
+            # So: the raw density ratio at tau (sigma_h window) must be <= max_dip_ratio, and a dip must
+            # be significant in at least one test (min p-value reported): raw units at tau (dip_alpha),
+            # fit space at tau (dip_alpha), or fit space over the whole gap between the components'
+            # 2-sigma bounds when it holds tau (gap_alpha; the test with power when high rows are few).
+            al, ah = inv([g.mu[1] - sd[1], g.mu[1] + sd[1]])
+            ca_lo, ca_hi = np.atleast_1d(summary.count_below(np.array([al, ah])))
+            n_a = ca_hi - ca_lo
+
+            def window(lo_y: float, hi_y: float, fit: bool) -> tuple[float, float]:
+                """(density ratio, P(<= observed rows | equal density)) of [lo_y, hi_y] vs the high window."""
+                bl, bh = inv([lo_y, hi_y])
+                cb_lo, cb_hi = np.atleast_1d(summary.count_below(np.array([bl, bh])))
+                n_b = cb_hi - cb_lo
+                len_b, len_a = (hi_y - lo_y, 2 * sd[1]) if fit else (bh - bl, ah - al)
+                ratio = (n_b / len_b) / (n_a / len_a) if n_a > 0 else math.inf
+                return ratio, float(stats.binom.cdf(round(n_b), round(n_a + n_b), len_b / (len_a + len_b)))
+
+            narrow = (tau_y - sd[1] / 2, tau_y + sd[1] / 2)
+            tests = {"raw": (*window(*narrow, fit=False), cfg.dip_alpha),
+                     "fit": (*window(*narrow, fit=True), cfg.dip_alpha)}
+            if g.mu[0] + 2 * sd[0] < tau_y < g.mu[1] - 2 * sd[1]:
+                tests["fit_gap"] = (*window(g.mu[0] + 2 * sd[0], g.mu[1] - 2 * sd[1], fit=True), cfg.gap_alpha)
+            dip = tests["raw"][0]
+            significant = {k: r <= cfg.max_dip_ratio and p <= a for k, (r, p, a) in tests.items()}
+            dip_space = next((k for k in tests if significant[k]), min(tests, key=lambda k: tests[k][1]))
+            p_dip = tests[dip_space][1]
+            dip_ok = dip <= cfg.max_dip_ratio and any(significant.values())
         checks = {
             "lr_significant": lam > lr_critical,
             "lambda_per_row": lam / n >= cfg.min_lambda_per_row,
             "high_is_minority": g.weight[1] <= cfg.max_weight,
             "separated": d >= cfg.min_separation,
             "posterior_crossing": math.isfinite(tau_y),
-            "raw_dip": dip <= cfg.max_dip_ratio and p_dip <= cfg.dip_alpha,
+            "dip": dip_ok,
         }
         return {
             "init_quantile": g.init_q, "log_likelihood": g.ll, "Lambda": lam, "Lambda_per_row": lam / n,
             "components": [{"weight": g.weight[j], "mu": g.mu[j], "sigma": sd[j], "mu_raw": float(inv(g.mu[j]))}
                            for j in (0, 1)],
             "ashman_d": d, "tau_fit_space": tau_y, "tau": float(inv(tau_y)) if math.isfinite(tau_y) else None,
-            "dip_ratio": dip, "dip_p_value": p_dip,
+            "dip_ratio": dip, "dip_test": dip_space, "dip_p_value": p_dip,
             "checks": checks, "passed": all(checks.values()),
         }
 
@@ -307,12 +345,13 @@ def _adaptive(summary: ScoreSummary, cfg: ThresholdConfig) -> ThresholdDecision:
         evidence.update(Lambda=chosen["Lambda"], Lambda_per_row=chosen["Lambda_per_row"],
                         components=chosen["components"],
                         separation={"ashman_d": chosen["ashman_d"], "dip_ratio": chosen["dip_ratio"],
+                                    "dip_test": chosen["dip_test"],
                                     "dip_p_value": chosen["dip_p_value"]},
                         checks=chosen["checks"])
     if passing:
         assert chosen is not None
         return _decision(summary, chosen["tau"], cfg, branch="harmful_population",
-                         reason="separated minority component with a raw-score dip: cut at posterior 0.5",
+                         reason="separated minority component with a dip before it: cut at posterior 0.5",
                          **evidence)
     why = ("no 2-component fit" if chosen is None else
            "failed: " + ", ".join(k for k, ok in chosen["checks"].items() if not ok))
