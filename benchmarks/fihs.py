@@ -14,7 +14,9 @@ Baselines:
   forward + backward + AdamW step;
 - epoch_sorted: the same with length-sorted batches (the tricks FIHS uses, given to training too);
 - loop: the per-example loop (batch of one, backward, dot with v), as LESS-style tools compute features.
-Methods: hooks (default; v's low-rank factors where they are cheaper), hooks_dense (factors off), jvp, vmap.
+Methods: hooks (default; v's low-rank factors where they are cheaper), hooks_dense (factors off), jvp, vmap;
+then hooks per scope, and hooks on each row's opening (score.answer_tokens = 1, 3: the row is cut after the
+first k answer tokens, so the answer's remaining tokens cost nothing; tokens/s counts the full rows).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from gradshield_ray.scope import select_parameters, wrap_lora
 
 METHODS = ["epoch", "epoch_sorted", "loop", "hooks", "hooks_dense", "jvp", "vmap"]
 SCOPES = ["no_embed", "mlp", "layers:1-2", "last:1", "lora"]
+ANSWER_TOKENS = [1, 3]  # score.answer_tokens: tokens/s still counts every token of the full rows
 
 
 SHAPES = {  # small: PROTOTYPE_FINDINGS §A's model; wide: Llama-like proportions where v's factors pay off
@@ -84,8 +87,12 @@ def fihs_batches(rows, budget, max_padding=0.15):
     return [collate([rows[i] for i in idx], 0, "right") for idx in micro_batches(lengths, budget, 64, max_padding)]
 
 
-def run_method(name: str, model, rows, budget: int, scope: str = "all"):
-    """One full pass of a method over the rows; returns (seconds, padded tokens)."""
+def run_method(name: str, model, rows, budget: int, scope: str = "all", answer_tokens: int | None = None):
+    """One full pass of a method over the rows; returns (seconds, padded tokens). answer_tokens=k scores each
+    row's opening (score.answer_tokens): the cut happens before the clock starts, as in the scorer, where
+    it is a list slice per row."""
+    if answer_tokens:
+        rows = [r.opening(answer_tokens) for r in rows]
     if name.startswith("epoch"):
         order = sorted(range(len(rows)), key=lambda i: rows[i].n_tokens) if name == "epoch_sorted" else list(
             range(len(rows)))
@@ -143,9 +150,10 @@ def _lora_cfg():
     return ScoreConfig(scope="lora")
 
 
-def peak_memory(name: str, scope: str, args) -> float:
+def peak_memory(name: str, scope: str, k: int | None, args) -> float:
     """MiB of ru_maxrss growth caused by one pass of the method, in a fresh process."""
-    out = subprocess.run([sys.executable, __file__, "--peak", name, "--peak-scope", scope, "--rows", str(args.rows),
+    out = subprocess.run([sys.executable, __file__, "--peak", name, "--peak-scope", scope,
+                          "--peak-answer-tokens", str(k or 0), "--rows", str(args.rows),
                           "--vocab", str(args.vocab), "--budget", str(args.budget), "--shape", args.shape], capture_output=True, text=True)
     try:
         return float(out.stdout.strip().splitlines()[-1])
@@ -163,41 +171,44 @@ def main() -> None:
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--peak")
     ap.add_argument("--peak-scope", default="all")
+    ap.add_argument("--peak-answer-tokens", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(1)
     model = make_model(args.vocab, args.shape)
     rows = make_rows(args.rows, args.vocab)
     if args.peak:  # growth of the high-water mark over model + data: the method's own peak (v included)
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        run_method(args.peak, model, rows, args.budget, args.peak_scope)
+        run_method(args.peak, model, rows, args.budget, args.peak_scope, args.peak_answer_tokens or None)
         print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
         return
     real = sum(r.n_tokens for r in rows)
     mid = model.config.num_hidden_layers // 2
     scopes = [s if s != "layers:1-2" else f"layers:{max(mid - 1, 0)}-{mid}" for s in SCOPES]
-    plan = [(m, "all") for m in METHODS] + [("hooks", s) for s in scopes]
-    times: dict[tuple[str, str], list[float]] = {k: [] for k in plan}
-    padded: dict[tuple[str, str], int] = {}
-    for m, s in plan:  # warm-up
-        run_method(m, model, rows[:8], args.budget, s)
+    plan = [(m, "all", None) for m in METHODS] + [("hooks", s, None) for s in scopes]
+    plan += [("hooks", "all", k) for k in ANSWER_TOKENS]
+    times: dict[tuple[str, str, int | None], list[float]] = {k: [] for k in plan}
+    padded: dict[tuple[str, str, int | None], int] = {}
+    for m, s, k in plan:  # warm-up
+        run_method(m, model, rows[:8], args.budget, s, k)
     for _ in range(args.repeats):
-        for m, s in plan:
-            dt, pt = run_method(m, model, rows, args.budget, s)
-            times[(m, s)].append(dt)
-            padded[(m, s)] = pt
-    med = {k: statistics.median(v) for k, v in times.items()}
-    epoch, loop = med[("epoch", "all")], med[("loop", "all")]
+        for m, s, k in plan:
+            dt, pt = run_method(m, model, rows, args.budget, s, k)
+            times[(m, s, k)].append(dt)
+            padded[(m, s, k)] = pt
+    med = {key: statistics.median(v) for key, v in times.items()}
+    epoch, loop, sorted_ = med[("epoch", "all", None)], med[("loop", "all", None)], med[("epoch_sorted", "all", None)]
     print(f"{args.rows} rows, {real} tokens, vocab {args.vocab}, shape {args.shape} {SHAPES[args.shape]}, fp32, 1 thread, "
           f"token budget {args.budget}; medians of {args.repeats}")
-    print("| method | scope | s / 1k rows | tokens/s | × epoch | × epoch_sorted | × loop | padding | peak MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for (m, s) in plan:
-        t = med[(m, s)]
-        pad = 1 - real / padded[(m, s)] if padded[(m, s)] else 0.0
-        mem = float("nan") if args.no_memory else peak_memory(m, s, args)
-        print(f"| {m} | {s} | {1000 * t / args.rows:.2f} | {real / t:.0f} | {t / epoch:.2f} | "
-              f"{t / med[('epoch_sorted', 'all')]:.2f} | {t / loop:.2f} | {pad:.1%} | {mem:.0f} |")
-    print(json.dumps({f"{m}/{s}": round(v, 4) for (m, s), v in med.items()}))
+    print("| method | scope | answer_tokens | s / 1k rows | tokens/s | × epoch | × epoch_sorted | × loop | padding | "
+          "peak MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for (m, s, k) in plan:
+        t = med[(m, s, k)]
+        pad = f"{1 - real / padded[(m, s, k)]:.1%}" if padded[(m, s, k)] and not k else "–"  # k: rows are cut
+        mem = float("nan") if args.no_memory else peak_memory(m, s, k, args)
+        print(f"| {m} | {s} | {k or 'full'} | {1000 * t / args.rows:.2f} | {real / t:.0f} | {t / epoch:.2f} | "
+              f"{t / sorted_:.2f} | {t / loop:.2f} | {pad} | {mem:.0f} |")
+    print(json.dumps({f"{m}/{s}/{k or 'full'}": round(v, 4) for (m, s, k), v in med.items()}))
 
 
 if __name__ == "__main__":

@@ -87,6 +87,8 @@ class ScoreConfig(_Section):
     scope: str = "all"
     normalize: Literal["dot", "cosine"] = "dot"
     lora: LoraScopeConfig = LoraScopeConfig()
+    # Score only the first K tokens of each assistant turn (None: every answer token, the paper's loss).
+    answer_tokens: int | None = Field(None, gt=0)
     token_budget: int = Field(16384, gt=0)  # padded tokens per micro-batch
     max_batch_size: int = Field(64, gt=0)
     # v's exact low-rank form V = AᵀB (K = probe tokens) for Linear weights: "auto" uses it where

@@ -20,7 +20,7 @@ from gradshield_ray.finetune import Recipe, encode_all, evaluate, train
 from gradshield_ray.loss import per_example_loss
 from gradshield_ray.miniature import load
 from gradshield_ray.mixtures import EvalSet, Row
-from gradshield_ray.render import Encoded, encode_messages
+from gradshield_ray.render import encode_messages
 from gradshield_ray.summary import ScoreSummary
 from gradshield_ray.threshold import ThresholdConfig, ThresholdDecision, decide
 
@@ -46,19 +46,17 @@ def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
 
 
 def fihs_scores(model_dir: str, rows: list[Row], scope: str = "all", normalize: str = "dot",
-                method: str = "hooks", probes: str | None = None, first_k: int | None = None
+                method: str = "hooks", probes: str | None = None, answer_tokens: int | None = None
                 ) -> tuple[np.ndarray, float]:
-    """FIHS of every row through the product's scorer (v from the probe set, default HarmBench val); seconds.
-    first_k: the diagnostic of `first_tokens`."""
+    """FIHS of every row through the product's scorer (v from the probe set, default HarmBench val); seconds."""
     from gradshield_ray.scorer import FIHSScorer
 
     t0 = time.perf_counter()
     cfg = GradShieldConfig.model_validate({"model": {"path": str(model_dir)}, "proxy": {"probes": probes},
-                                           "score": {"scope": scope, "normalize": normalize, "method": method}})
+                                           "score": {"scope": scope, "normalize": normalize, "method": method,
+                                                     "answer_tokens": answer_tokens}})
     scorer = FIHSScorer(cfg)
     enc = [encode_messages(scorer.tokenizer, r.as_messages(), cfg.data.max_tokens, "right") for r in rows]
-    if first_k:
-        enc = [first_tokens(e, first_k) for e in enc]
     return scorer.score_encoded(enc), time.perf_counter() - t0
 
 
@@ -77,10 +75,9 @@ def keyword_flags(rows: list[Row]) -> np.ndarray:
     return np.array([bool(_HARM_RX.search(" ".join(c for r, c in row.messages if r != "system"))) for row in rows])
 
 
-# The adaptive policy with its raw-dip veto (check d) and LR significance test (check a, first half) off; the
-# effect-size (Λ/N), minority and separation checks stay. Not a product default: a measured proposal (the
-# dip veto rejects wide, skewed harmful populations that every other check accepts).
-NO_DIP = ThresholdConfig(alpha=1 - 1e-9, max_dip_ratio=1e9)
+# The adaptive policy with its dip check (d) and LR significance test (check a, first half) off; the effect-size
+# (Λ/N), minority and separation checks stay. Not a product setting: a reference that shows what check d costs.
+NO_DIP = ThresholdConfig(alpha=1 - 1e-9, max_dip_ratio=1e9, dip_alpha=1 - 1e-9, gap_alpha=1 - 1e-9)
 
 
 def recall_at_fr(scores: np.ndarray, rows: list[Row], fr: float = 0.05) -> float:
@@ -89,14 +86,6 @@ def recall_at_fr(scores: np.ndarray, rows: list[Row], fr: float = 0.05) -> float
     if not harm.any():
         return float("nan")
     return float((scores[harm] > np.quantile(scores[~harm], 1 - fr)).mean())
-
-
-def first_tokens(e: Encoded, k: int) -> Encoded:
-    """Diagnostic: the row cut after its first k assistant tokens, so FIHS sees only the opening of the
-    answer (where "Sure" vs "I" is decided). Not the paper's definition (which uses every answer token)."""
-    first = e.loss_mask.index(True)
-    end = min(first + k, e.n_tokens)
-    return Encoded(e.input_ids[:end], e.loss_mask[:end], False)
 
 
 def adaptive(scores: np.ndarray, cfg: ThresholdConfig | None = None) -> tuple[np.ndarray, ThresholdDecision]:

@@ -39,6 +39,26 @@ class Encoded:
         # token 0 is never predicted, so it cannot carry loss
         return sum(self.loss_mask[1:])
 
+    def opening(self, k: int) -> "Encoded":
+        """The row as scored with `score.answer_tokens=k`: the loss keeps only the first k tokens of each
+        assistant turn, and the tokens after the last one kept are cut (in a causal LM they cannot change
+        the loss, so the cut is exact and saves their compute). Why: FIHS measures the pull on the safety
+        proxy, which is decided at the opening of an answer ("Sure" vs "I"); averaged over a long answer
+        that signal is diluted by the content tokens (docs/efficacy.md)."""
+        mask, run, last = list(self.loss_mask), 0, -1
+        for t, m in enumerate(mask):
+            if not m:
+                run = 0
+                continue
+            run += 1
+            if run > k:
+                mask[t] = False
+            else:
+                last = t
+        if last < 1:
+            return self
+        return Encoded(self.input_ids[: last + 1], mask[: last + 1], self.truncated)
+
 
 def required_columns(cfg: DataConfig) -> list[str]:
     """The input columns a data layout reads (used to fail fast on a missing column)."""

@@ -79,6 +79,8 @@ class FIHSScorer:
         """FIHS per encoded example (float64; NaN/inf left as is for the caller to report)."""
         method = method or self.cfg.score.method
         sc = self.cfg.score
+        if sc.answer_tokens:
+            encoded = [e.opening(sc.answer_tokens) for e in encoded]
         out = np.empty(len(encoded), dtype=np.float64)
         t0 = time.perf_counter()
         for idx in micro_batches([e.n_tokens for e in encoded], sc.token_budget, sc.max_batch_size,

@@ -180,3 +180,27 @@ def test_bfloat16_model_scores_close_to_fp32(tiny_model_dir, sample_rows):
     a, b = s32.score_encoded(e32, "hooks"), s16.score_encoded(e16, "hooks")
     assert np.max(np.abs(a - b)) <= 0.1 * np.max(np.abs(a))
     assert np.corrcoef(a, b)[0, 1] > 0.99
+
+
+def test_opening_keeps_the_first_k_tokens_of_each_assistant_turn():
+    from gradshield_ray.render import Encoded
+
+    mask = [False, False, True, True, True, False, False, True, True, True, True, False]
+    e = Encoded(list(range(12)), mask, False)
+    got = e.opening(2)
+    assert got.loss_mask == [False, False, True, True, False, False, False, True, True]  # cut after token 8
+    assert got.input_ids == list(range(9)) and got.n_loss_tokens == 4
+    assert e.opening(100).loss_mask == mask[:11]  # trailing non-loss tokens go: they cannot change the loss
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("scope", ["all", "mlp", "last:1"])
+def test_answer_tokens_is_the_brute_force_score_of_the_row_opening(tiny_model_dir, sample_rows, scope, k):
+    """score.answer_tokens=k scores exactly the definition applied to each row cut to its answers' openings:
+    the loss over the first k tokens of every assistant turn (a multi-turn row keeps k tokens per turn)."""
+    full = make_scorer(tiny_model_dir, scope=scope)
+    cut = make_scorer(tiny_model_dir, scope=scope, answer_tokens=k)
+    enc = encode_all(full, sample_rows)
+    brute = full.score_encoded([e.opening(k) for e in enc], "brute")
+    assert_close(cut.score_encoded(enc), brute)
+    assert not np.allclose(brute, full.score_encoded(enc, "brute"))  # the option changes the score
