@@ -252,6 +252,18 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
+def _embedding_scale(mod: torch.nn.Embedding) -> float | None:
+    """The constant s with mod(ids) = s · W[ids], or None when the forward is not known to have that form
+    (the module then goes through the generic vmap path, which is exact for any forward). nn.Embedding has
+    s = 1; Gemma's scaled embeddings multiply by embed_scale, rounded to the weight's dtype as they do."""
+    if type(mod).forward is torch.nn.Embedding.forward:
+        return 1.0
+    scale = getattr(mod, "embed_scale", None)
+    if type(mod).__name__.endswith("ScaledWordEmbedding") and scale is not None:
+        return float(torch.as_tensor(scale).to(mod.weight.dtype))
+    return None
+
+
 class HookScorer:
     """Batched exact FIHS through module hooks; one instance per model, reused across batches."""
 
@@ -299,8 +311,8 @@ class HookScorer:
                 out = out.detach().requires_grad_(True)
             if isinstance(mod, torch.nn.Linear):
                 tap = self._linear(mod, names, x, B)
-            elif isinstance(mod, torch.nn.Embedding):
-                tap = self._embedding(mod, names, x, B)
+            elif isinstance(mod, torch.nn.Embedding) and (scale := _embedding_scale(mod)) is not None:
+                tap = self._embedding(mod, names, x, B, scale)
             else:
                 tap = self._generic(mod, own, args, kwargs, B)
             out.register_hook(tap)
@@ -356,7 +368,8 @@ class HookScorer:
 
         return tap
 
-    def _embedding(self, mod, names, ids, B):
+    def _embedding(self, mod, names, ids, B, scale: float):
+        """out = scale · W[ids] (scale 1 for nn.Embedding, embed_scale for Gemma's scaled embedding)."""
         w = names["weight"]
         ids2 = ids.reshape(B, -1)
         keep = None if mod.padding_idx is None else (ids2 != mod.padding_idx)  # padding row gets no gradient
@@ -365,6 +378,8 @@ class HookScorer:
             g2 = _f32(g).reshape(B, ids2.shape[1], -1)
             if keep is not None:
                 g2 = g2 * keep.unsqueeze(-1)
+            if scale != 1.0:
+                g2 = g2 * scale
             V = self._cast(id(w), self.v[id(w)], g2.dtype)
             self._add_dot(torch.linalg.vecdot(g2, F.embedding(ids2, V)).double().sum(1))
             if self.cosine:
