@@ -93,20 +93,7 @@ def _fs(uri: str, storage_json: str):
 
 
 def _storage_json(cfg: GradShieldConfig) -> str:
-    """Storage settings for workers, with credentials resolved on the driver (config first, then the
-    driver's AWS environment), so workers on other nodes need no credentials of their own. This travels
-    as a task argument only; it is never logged or written."""
-    d = cfg.storage.model_dump()
-    for k, v in d.items():
-        if hasattr(v, "get_secret_value"):
-            d[k] = v.get_secret_value()
-    for key, env in (("access_key_id", "AWS_ACCESS_KEY_ID"), ("secret_access_key", "AWS_SECRET_ACCESS_KEY"),
-                     ("session_token", "AWS_SESSION_TOKEN"), ("region", "AWS_REGION")):
-        if d.get(key) is None and os.environ.get(env):
-            d[key] = os.environ[env]
-    if d.get("endpoint_url") is None:
-        d["endpoint_url"] = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return json.dumps(d)
+    return storage.resolved_json(cfg.storage)
 
 
 def _write_parquet(fs, path: str, table: pa.Table) -> None:

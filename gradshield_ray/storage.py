@@ -79,6 +79,23 @@ def check_bucket(fs: pafs.FileSystem, uri: str) -> None:
         raise StorageError(f"bucket {b!r} of {uri!r} does not exist (or these credentials cannot see it)")
 
 
+def resolved_json(cfg: StorageConfig) -> str:
+    """Storage settings for workers, with credentials resolved on the driver (config first, then the
+    driver's AWS environment), so workers on other nodes need no credentials of their own. This travels
+    as a task argument only; it is never logged or written."""
+    d = cfg.model_dump()
+    for k, v in d.items():
+        if hasattr(v, "get_secret_value"):
+            d[k] = v.get_secret_value()
+    for key, env in (("access_key_id", "AWS_ACCESS_KEY_ID"), ("secret_access_key", "AWS_SECRET_ACCESS_KEY"),
+                     ("session_token", "AWS_SESSION_TOKEN"), ("region", "AWS_REGION")):
+        if d.get(key) is None and os.environ.get(env):
+            d[key] = os.environ[env]
+    if d.get("endpoint_url") is None:
+        d["endpoint_url"] = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return json.dumps(d)
+
+
 def filesystem(uri: str, cfg: StorageConfig) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path within it) for s3://bucket/key or a local path."""
     if uri.startswith("s3://"):

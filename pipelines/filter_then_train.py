@@ -171,22 +171,6 @@ def kept_parts(man: dict[str, Any], cfg: TrainJobConfig) -> tuple[list[str], int
     return paths, total
 
 
-def _storage_json(s: StorageConfig) -> str:
-    """Storage settings for the workers, credentials resolved on the driver (config, then the driver's AWS
-    environment) as the filter pipeline does. A task argument only: never logged or written."""
-    d = s.model_dump()
-    for k, v in d.items():
-        if hasattr(v, "get_secret_value"):
-            d[k] = v.get_secret_value()
-    for key, env in (("access_key_id", "AWS_ACCESS_KEY_ID"), ("secret_access_key", "AWS_SECRET_ACCESS_KEY"),
-                     ("session_token", "AWS_SESSION_TOKEN"), ("region", "AWS_REGION")):
-        if d.get(key) is None and os.environ.get(env):
-            d[key] = os.environ[env]
-    if d.get("endpoint_url") is None:
-        d["endpoint_url"] = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return json.dumps(d)
-
-
 def _run_identity(man: dict[str, Any], cfg: TrainJobConfig) -> dict[str, Any]:
     return {"filter_run": cfg.run.rstrip("/"), "filter_tau": man.get("tau"), "filter_counts": man["counts"],
             "kept_parts_sha256": hashlib.sha256("\n".join(man["kept_parts"]).encode()).hexdigest(),
@@ -420,7 +404,7 @@ def run_training(cfg: TrainJobConfig) -> dict[str, Any]:
     storage.delete_dir(ofs, storage.join(oroot, "train"))  # a crashed attempt: start again from step 0
     backend = cfg.scaling.backend if cfg.scaling.backend != "auto" else ("nccl" if cfg.scaling.use_gpu else "gloo")
     loop_cfg = {
-        "run": cfg.run, "storage_json": _storage_json(cfg.storage), "parts": parts, "n_kept": n,
+        "run": cfg.run, "storage_json": storage.resolved_json(cfg.storage), "parts": parts, "n_kept": n,
         "data": man["config"]["data"], "model": model.model_dump(mode="json"),
         "train": cfg.train.model_dump(mode="json"), "use_gpu": cfg.scaling.use_gpu,
         "cpus_per_worker": cfg.scaling.cpus_per_worker,
