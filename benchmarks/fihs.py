@@ -6,8 +6,8 @@ One process, one model (random-init Llama; `--shape small` is hidden 256, 4 laye
 PROTOTYPE_FINDINGS §A, `--shape wide` is hidden 1024 with an untied head; fp32; timings do not depend on the
 weights), v computed for real on 41 synthetic probe prompts of 24 tokens, the same rows (lengths 64..256, about half of each row is the assistant response), the same token
 budget. Timings are medians over repeats, with the methods interleaved in each repeat so that load on this
-shared 2-core box hits all of them alike. Peak memory is measured per method in a fresh subprocess
-(ru_maxrss growth over the set-up), since a process's high-water mark cannot be reset.
+shared 2-core box hits all of them alike. Peak memory is measured per method in a fresh subprocess: resident
+memory sampled every 2 ms while one pass runs, above the resident memory with model and data loaded.
 
 Baselines:
 - epoch: an HF-Trainer-like epoch: batches of 8 in data order, padded, logits at every position,
@@ -150,6 +150,35 @@ def _lora_cfg():
     return ScoreConfig(scope="lora")
 
 
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def rss_peak_mib(fn) -> float:
+    """Peak resident memory while fn() runs, above the resident memory before it, sampled every 2 ms.
+    (ru_maxrss cannot be used: model construction peaks above most methods, so its growth reads 0.)"""
+    import gc
+    import threading
+
+    gc.collect()
+    base, peak, done = _rss_mib(), [0.0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mib())
+            time.sleep(0.002)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        t.join()
+    return max(peak[0], _rss_mib()) - base
+
+
 def peak_memory(name: str, scope: str, k: int | None, args) -> float:
     """MiB of ru_maxrss growth caused by one pass of the method, in a fresh process."""
     out = subprocess.run([sys.executable, __file__, "--peak", name, "--peak-scope", scope,
@@ -176,10 +205,9 @@ def main() -> None:
     torch.set_num_threads(1)
     model = make_model(args.vocab, args.shape)
     rows = make_rows(args.rows, args.vocab)
-    if args.peak:  # growth of the high-water mark over model + data: the method's own peak (v included)
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        run_method(args.peak, model, rows, args.budget, args.peak_scope, args.peak_answer_tokens or None)
-        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+    if args.peak:  # the method's own peak (v included): sampled RSS above the RSS with model + data loaded
+        print(rss_peak_mib(lambda: run_method(args.peak, model, rows, args.budget, args.peak_scope,
+                                              args.peak_answer_tokens or None)))
         return
     real = sum(r.n_tokens for r in rows)
     mid = model.config.num_hidden_layers // 2
