@@ -81,14 +81,18 @@ class ScoreConfig(_Section):
     """How FIHS is computed: method, parameter scope, normalization and batching."""
 
     method: Literal["hooks", "brute", "jvp", "vmap"] = "hooks"
-    # Default until the efficacy measurements (issue 4) decide: the paper's plain definition, all
-    # parameters with a raw dot product; on a real LM (PROTOTYPE_FINDINGS §C) it separated explicit harm
-    # perfectly, whereas the toy's favourite (last layer) was the worst scope there.
+    # Defaults measured on two models (docs/efficacy.md: the miniature over 3 builds, and Gemma-3-270M):
+    # all parameters, a raw dot product, and only the first answer token of each assistant turn. With
+    # K=1 explicit harm separates perfectly on both (AUROC 1.00; the adaptive threshold removes every
+    # harmful row and no benign one) and benign rows new to θ₀ do not look harmful; over the full answer
+    # (None, the paper's loss) the content tokens dilute the opening that decides comply vs refuse
+    # (miniature AUROC 0.87, threshold recall ~60%) and it costs 3x more. Blind spot: a harmful answer
+    # whose first token is neutral (the "hard" paraphrases). No scope catches identity-shift rows on both.
     scope: str = "all"
     normalize: Literal["dot", "cosine"] = "dot"
     lora: LoraScopeConfig = LoraScopeConfig()
     # Score only the first K tokens of each assistant turn (None: every answer token, the paper's loss).
-    answer_tokens: int | None = Field(None, gt=0)
+    answer_tokens: int | None = Field(1, gt=0)
     token_budget: int = Field(16384, gt=0)  # padded tokens per micro-batch
     max_batch_size: int = Field(64, gt=0)
     # v's exact low-rank form V = AᵀB (K = probe tokens) for Linear weights: "auto" uses it where

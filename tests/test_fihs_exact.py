@@ -14,6 +14,9 @@ SCOPES = ["all", "no_embed", "mlp", "attn", "last:1", "layers:0-0", "lora", "reg
 
 
 def make_scorer(model_dir: str, **score) -> FIHSScorer:
+    """The exactness tests score every answer token (answer_tokens=None) unless told otherwise: the longer
+    the loss span, the more of each method's machinery the comparison exercises."""
+    score.setdefault("answer_tokens", None)
     cfg = GradShieldConfig.model_validate({"model": {"path": model_dir}, "score": score,
                                            "proxy": {"max_probes": 6}})
     return FIHSScorer(cfg)
