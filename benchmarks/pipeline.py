@@ -1,11 +1,11 @@
 """Ray pipeline overhead vs the same scorer in a plain loop, and the reduce step at 10^7 scores.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/pipeline.py [--rows 1200] [--repeats 3]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/pipeline.py [--rows 600,12000] [--repeats 2]
 
 Part 1 runs, in one process and side by side, (a) the scorer called in a plain loop (render + score, one
 process, local Parquet) and (b) the full Ray pipeline (read → render tasks → 1 scorer actor → commit →
 reduce → split → manifest) on the same rows and model, and prints rows/s, tokens/s and their ratio
-(medians over repeats). Part 2 writes 10^7 synthetic scores as Parquet and times the Ray Data reduce
+(medians over repeats) for each corpus size. Part 2 writes 10^7 synthetic scores as Parquet and times the Ray Data reduce
 (fihs column → mergeable summary → τ), reporting the driver's peak traced memory and the summary's size.
 """
 from __future__ import annotations
@@ -92,8 +92,10 @@ def reduce_bench(root: Path, n: int = 10_000_000, files: int = 20) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=1200)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rows", default="600,12000",
+                    help="corpus sizes, comma-separated: the fixed costs (actor start, model load, four Ray Data "
+                         "executions) weigh less as the corpus grows, so the ratio is reported per size")
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip-reduce", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -107,28 +109,32 @@ def main() -> None:
         ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
         model = build_model(root)
-        src = make_corpus(root / "in", n_rows=args.rows, n_files=6, seed=1)
-        files = sorted(src.glob("*.parquet"))
-        for f in files:  # several row groups per file, as real corpora have
-            pq.write_table(pq.read_table(f), f, row_group_size=50)
-        base = {"input": str(src), "model": {"path": model}, "proxy": {"max_probes": 8},
-                "score": {"verify_rows": 0}, "ray": {"num_actors": 1, "batch_rows": 64}}
-        loop_t, ray_t, ray_score_t = [], [], []
-        for r in range(args.repeats):
-            cfg = GradShieldConfig.model_validate({**base, "output": str(root / f"out{r}")})
-            lt, rows, tokens = plain_loop(cfg, files)
-            wall, _, prow, ptok = ray_pipeline(cfg)
-            assert prow == rows and ptok == tokens
-            loop_t.append(lt)
-            ray_t.append(wall)
-            print(f"repeat {r}: plain loop {lt:.1f}s, ray pipeline {wall:.1f}s (end to end, incl. reduce + split)")
-        lt, rt = statistics.median(loop_t), statistics.median(ray_t)
-        print(f"\nrows={rows} tokens={tokens} (median of {args.repeats}; 1 torch thread; 2-core box)")
-        print("| path | seconds | rows/s | tokens/s |")
-        print("|---|---|---|---|")
-        print(f"| plain loop (render + score) | {lt:.1f} | {rows / lt:.1f} | {tokens / lt:.0f} |")
-        print(f"| Ray pipeline end to end | {rt:.1f} | {rows / rt:.1f} | {tokens / rt:.0f} |")
-        print(f"ratio ray/plain throughput: {lt / rt:.2f}")
+        table_rows = []
+        for n_rows in [int(x) for x in args.rows.split(",")]:
+            src = make_corpus(root / f"in{n_rows}", n_rows=n_rows, n_files=6, seed=1)
+            files = sorted(src.glob("*.parquet"))
+            for f in files:  # several row groups per file, as real corpora have
+                pq.write_table(pq.read_table(f), f, row_group_size=50)
+            base = {"input": str(src), "model": {"path": model}, "proxy": {"max_probes": 8},
+                    "score": {"verify_rows": 0}, "ray": {"num_actors": 1, "batch_rows": 64}}
+            loop_t, ray_t = [], []
+            for r in range(args.repeats):
+                cfg = GradShieldConfig.model_validate({**base, "output": str(root / f"out{n_rows}-{r}")})
+                lt, rows, tokens = plain_loop(cfg, files)
+                wall, _, prow, ptok = ray_pipeline(cfg)
+                assert prow == rows and ptok == tokens
+                loop_t.append(lt)
+                ray_t.append(wall)
+                print(f"{n_rows} rows, repeat {r}: plain loop {lt:.1f}s, ray pipeline {wall:.1f}s "
+                      "(end to end, incl. reduce + split)", flush=True)
+            lt, rt = statistics.median(loop_t), statistics.median(ray_t)
+            table_rows.append((rows, tokens, lt, rt))
+        print(f"\nmedians of {args.repeats}; 1 torch thread; 2-core box; score.answer_tokens = default")
+        print("| rows | tokens | plain loop s | plain rows/s | Ray end-to-end s | Ray rows/s | Ray tokens/s | ratio |")
+        print("|---|---|---|---|---|---|---|---|")
+        for rows, tokens, lt, rt in table_rows:
+            print(f"| {rows} | {tokens} | {lt:.1f} | {rows / lt:.1f} | {rt:.1f} | {rows / rt:.1f} | "
+                  f"{tokens / rt:.0f} | {lt / rt:.2f} |")
         if not args.skip_reduce:
             r = reduce_bench(root)
             print(f"\nreduce of {r['rows']:,} scores: {r['seconds']:.1f}s, driver peak traced memory "

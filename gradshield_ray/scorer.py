@@ -28,8 +28,8 @@ class VerificationError(RuntimeError):
 @dataclass
 class ScoreStats:
     rows: int = 0
-    tokens: int = 0
-    padded_tokens: int = 0
+    tokens: int = 0  # of the rows as given (with score.answer_tokens only a prefix of each is computed)
+    padded_tokens: int = 0  # positions actually computed, padding included
     seconds: float = 0.0
 
 
@@ -79,6 +79,7 @@ class FIHSScorer:
         """FIHS per encoded example (float64; NaN/inf left as is for the caller to report)."""
         method = method or self.cfg.score.method
         sc = self.cfg.score
+        input_tokens = sum(e.n_tokens for e in encoded)  # stats count the rows' tokens, not the scored cut
         if sc.answer_tokens:
             encoded = [e.opening(sc.answer_tokens) for e in encoded]
         out = np.empty(len(encoded), dtype=np.float64)
@@ -92,7 +93,7 @@ class FIHSScorer:
             self.stats.padded_tokens += batch.input_ids.numel()
         self.stats.seconds += time.perf_counter() - t0
         self.stats.rows += len(encoded)
-        self.stats.tokens += sum(e.n_tokens for e in encoded)
+        self.stats.tokens += input_tokens
         return out
 
     # ---------------------------------------------------------------- verification
