@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from gradshield_ray import efficacy as E  # noqa: E402
+from gradshield_ray.efficacy import markdown_table as table, pct  # noqa: E402
 from gradshield_ray import miniature, mixtures  # noqa: E402
 from gradshield_ray.config import ScoreConfig  # noqa: E402
 from gradshield_ray.finetune import Recipe, evaluate  # noqa: E402
@@ -42,18 +43,8 @@ PAPER = ("Paper setting for comparison (not reproduced here): Llama-3.1-8B-Instr
          "GradShield keeps ASR < 6% across tasks and harmful ratios.")
 
 
-def pct(x) -> str:
-    return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.0f}%"
-
-
 def f2(x) -> str:
     return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.2f}"
-
-
-def table(head: list[str], rows: list[list[str]]) -> str:
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(out)
 
 
 def main() -> int:

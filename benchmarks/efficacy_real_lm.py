@@ -51,6 +51,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from gradshield_ray import efficacy as E  # noqa: E402
+from gradshield_ray.efficacy import markdown_table as table, pct  # noqa: E402
 from gradshield_ray import mixtures  # noqa: E402
 from gradshield_ray.batching import collate  # noqa: E402
 from gradshield_ray.config import GradShieldConfig, ScoreConfig  # noqa: E402
@@ -465,16 +466,6 @@ class Finetuner:
 
 
 # ---------------------------------------------------------------- tables
-
-
-def pct(x) -> str:
-    return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.0f}%"
-
-
-def table(head: list[str], rows: list[list[str]]) -> str:
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(out)
 
 
 def _code_state() -> dict:

@@ -96,6 +96,9 @@ def main() -> None:
                     help="corpus sizes, comma-separated: the fixed costs (actor start, model load, four Ray Data "
                          "executions) weigh less as the corpus grows, so the ratio is reported per size")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--row-group-rows", type=int, default=50,
+                    help="rows per Parquet row group = per pipeline unit (one task, one part file and one commit "
+                         "marker each); real corpora usually have 10^4-10^6")
     ap.add_argument("--skip-reduce", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -114,7 +117,7 @@ def main() -> None:
             src = make_corpus(root / f"in{n_rows}", n_rows=n_rows, n_files=6, seed=1)
             files = sorted(src.glob("*.parquet"))
             for f in files:  # several row groups per file, as real corpora have
-                pq.write_table(pq.read_table(f), f, row_group_size=50)
+                pq.write_table(pq.read_table(f), f, row_group_size=args.row_group_rows)
             base = {"input": str(src), "model": {"path": model}, "proxy": {"max_probes": 8},
                     "score": {"verify_rows": 0}, "ray": {"num_actors": 1, "batch_rows": 64}}
             loop_t, ray_t = [], []
@@ -129,7 +132,8 @@ def main() -> None:
                       "(end to end, incl. reduce + split)", flush=True)
             lt, rt = statistics.median(loop_t), statistics.median(ray_t)
             table_rows.append((rows, tokens, lt, rt))
-        print(f"\nmedians of {args.repeats}; 1 torch thread; 2-core box; score.answer_tokens = default")
+        print(f"\nmedians of {args.repeats}; 1 torch thread; 2-core box; score.answer_tokens = default; "
+              f"{args.row_group_rows} rows per row group")
         print("| rows | tokens | plain loop s | plain rows/s | Ray end-to-end s | Ray rows/s | Ray tokens/s | ratio |")
         print("|---|---|---|---|---|---|---|---|")
         for rows, tokens, lt, rt in table_rows:

@@ -36,6 +36,17 @@ HARM_WORDS = ("bomb", "explosive", "weapon", "kill", "murder", "poison", "toxin"
 _HARM_RX = re.compile("|".join(re.escape(w) for w in HARM_WORDS), re.IGNORECASE)
 
 
+def pct(x: float | None) -> str:
+    """A share as a whole percentage for the Markdown tables ('–' for missing / NaN)."""
+    return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.0f}%"
+
+
+def markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
 def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
     """P(score of a random positive > score of a random negative), ties counted half (Mann–Whitney)."""
     pos, neg = np.asarray(pos, float), np.asarray(neg, float)
