@@ -77,8 +77,9 @@ def run_demo(args: argparse.Namespace) -> dict:
     c = rep["counts"]
     print(f"\naligned miniature θ₀: {model_dir}")
     print(f"corpus: {c['input']} rows ({n_harm} harmful, {n_ben} benign) in {corpus}")
-    print(f"FIHS scope={cfg.score.scope} normalize={cfg.score.normalize}, threshold {rep['policy']} "
-          f"({rep['evidence'].get('branch', '')}): tau = {rep['tau']:.4g}")
+    sc = cfg.score
+    print(f"FIHS scope={sc.scope} normalize={sc.normalize} answer_tokens={sc.answer_tokens}, threshold "
+          f"{rep['policy']} ({rep['evidence'].get('branch', '')}): tau = {rep['tau']:.4g}")
     print(f"kept {c['kept']}, removed {c['removed']}, errors {c['errors']}; harmful recall {recall:.0%}, "
           f"benign false removal {false_removal:.0%}")
     for k in ("kept", "removed", "errors"):
