@@ -125,7 +125,9 @@ class RayConfig(_Section):
     num_actors: int = Field(1, gt=0)  # scorer actors; one model copy each (one per GPU)
     num_gpus_per_actor: float = Field(1.0, ge=0)
     num_cpus_per_actor: float = Field(1.0, ge=0)
-    batch_rows: int = Field(256, gt=0)  # rows per scorer call; micro-batched inside by token budget
+    # each unit (row group) reaches the actor whole and is scored in chunks of this many rows, cut in row order
+    # (deterministic batch composition); each chunk is micro-batched by score.token_budget
+    batch_rows: int = Field(256, gt=0)
     render_num_cpus: float = Field(1.0, gt=0)
 
 
