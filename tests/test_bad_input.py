@@ -210,6 +210,16 @@ def test_local_truncation_error_policy(corpus, tiny_model_dir, tmp_path):
     check_outcome(parts, rep["counts"], exp, input_rows(root))
 
 
+def unusable_corpus(root, case: str) -> None:
+    """A good file plus, in a sub-folder, one that is not Parquet ("garbage") or lacks `messages`."""
+    (root / "x").mkdir(parents=True)
+    pq.write_table(pa.table({"messages": pa.array([chat("q", "a")], pa.list_(TURN))}), root / "ok.parquet")
+    if case == "garbage":
+        (root / "x" / "garbage.parquet").write_bytes(b"this is not parquet" * 10)
+    else:
+        pq.write_table(pa.table({"text": ["q"]}), root / "x" / "other.parquet")
+
+
 @pytest.mark.parametrize("case,message", [
     ("garbage", "garbage.parquet: not a readable Parquet file"),
     ("no_column", "other.parquet: missing column(s) ['messages']"),
@@ -218,12 +228,7 @@ def test_local_unusable_file_fails_fast(tmp_path, tiny_model_dir, case, message)
     from gradshield_ray import local
 
     root = tmp_path / "in"
-    (root / "x").mkdir(parents=True)
-    pq.write_table(pa.table({"messages": pa.array([chat("q", "a")], pa.list_(TURN))}), root / "ok.parquet")
-    if case == "garbage":
-        (root / "x" / "garbage.parquet").write_bytes(b"this is not parquet" * 10)
-    else:
-        pq.write_table(pa.table({"text": ["q"]}), root / "x" / "other.parquet")
+    unusable_corpus(root, case)
     t = time.perf_counter()
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         local.run_filter(local_cfg(root, tmp_path / "o", tiny_model_dir))
@@ -305,12 +310,7 @@ def test_ray_unusable_file_fails_fast(s3, ray_local, tiny_model_dir, tmp_path, c
 
     url, client = s3
     root = tmp_path / case
-    (root / "x").mkdir(parents=True)
-    pq.write_table(pa.table({"messages": pa.array([chat("q", "a")], pa.list_(TURN))}), root / "ok.parquet")
-    if case == "garbage":
-        (root / "x" / "garbage.parquet").write_bytes(b"this is not parquet" * 10)
-    else:
-        pq.write_table(pa.table({"text": ["q"]}), root / "x" / "other.parquet")
+    unusable_corpus(root, case)
     upload_dir(client, root, "bad", case)
     t = time.perf_counter()
     with pytest.raises(RunError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
