@@ -5,8 +5,9 @@
 Part 1 runs, in one process and side by side, (a) the scorer called in a plain loop (render + score, one
 process, local Parquet) and (b) the full Ray pipeline (read → render tasks → 1 scorer actor → commit →
 reduce → split → manifest) on the same rows and model, and prints rows/s, tokens/s and their ratio
-(medians over repeats) for each corpus size. Part 2 writes 10^7 synthetic scores as Parquet and times the Ray Data reduce
-(fihs column → mergeable summary → τ), reporting the driver's peak traced memory and the summary's size.
+(medians over repeats) for each corpus size. Part 2 decides τ from 10^7 synthetic scores the pipeline's way
+(unit summaries from commit markers merged on the driver) and by a Ray Data scan of the fihs column (the
+path for markers without a summary), reporting times, the driver's peak traced memory and summary sizes.
 """
 from __future__ import annotations
 
@@ -38,16 +39,24 @@ def build_model(root: Path) -> str:
 
 
 def plain_loop(cfg, files: list[Path]) -> tuple[float, int, int]:
+    """The same scorer in one process, end to end: load the model and v, then read each row group and
+    score it in chunks of cfg.ray.batch_rows cut in row order, exactly as the scorer actor does (same
+    micro-batches, so the ratio measures Ray's overhead, not a different batch composition)."""
     from gradshield_ray.scorer import FIHSScorer
     from gradshield_ray.tables import score_table
 
-    scorer = FIHSScorer(cfg)  # load once, outside the timed region (the pipeline also loads once per actor)
     t = time.perf_counter()
-    rows = 0
+    scorer = FIHSScorer(cfg)  # the pipeline's actors load too, inside its timed region
+    rows, chunk = 0, cfg.ray.batch_rows
     for f in files:
-        table = pq.read_table(f)
-        score_table(scorer, table, [f"{f.name}:{i}" for i in range(table.num_rows)])
-        rows += table.num_rows
+        pf, off = pq.ParquetFile(f), 0
+        for g in range(pf.num_row_groups):
+            table = pf.read_row_group(g)
+            for s in range(0, table.num_rows, chunk):
+                part = table.slice(s, chunk)
+                score_table(scorer, part, [f"{f.name}:{off + s + i}" for i in range(part.num_rows)])
+            off += table.num_rows
+        rows += off
     return time.perf_counter() - t, rows, scorer.stats.tokens
 
 
@@ -60,34 +69,64 @@ def ray_pipeline(cfg) -> tuple[float, float, int, int]:
     return wall, man["scoring"]["seconds"], man["counts"]["input"], man["scoring"]["tokens_scored_this_attempt"]
 
 
-def reduce_bench(root: Path, n: int = 10_000_000, files: int = 20) -> dict:
+def timed_then_traced(fn) -> tuple[float, int, object]:
+    """(seconds of a plain call, peak traced bytes of a second call under tracemalloc, result). Two calls,
+    because tracemalloc slows Python allocation several-fold and would inflate the time."""
+    t = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - t
+    tracemalloc.start()
+    out = fn()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return seconds, peak, out
+
+
+def reduce_bench(root: Path, n: int = 10_000_000, unit_rows: int = 1000) -> dict:
+    """τ from 10^7 synthetic scores, two ways, side by side:
+    - merge: what the pipeline does. Each unit's summary is built where its parts are written (timed here
+      as `build`, once per unit; in a run it is spread over the writer tasks) and travels in its commit
+      marker; the driver merges n/unit_rows of them and decides τ (timed as `merge`).
+    - scan: a Ray Data aggregate over the fihs column of the Parquet parts, which the pipeline uses only
+      for units committed without a summary (markers of an older version)."""
+    import json
+
     import ray
 
-    from gradshield_ray.ray_pipeline import SummaryAgg
+    from gradshield_ray.ray_pipeline import aggregate_parts
     from gradshield_ray.summary import ScoreSummary
     from gradshield_ray.threshold import ThresholdConfig, decide
 
     rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_t(3, size=n - n // 10), rng.normal(12, 1, size=n // 10)])
+    rng.shuffle(x)
+    units = x.reshape(-1, unit_rows)
+    t = time.perf_counter()
+    markers = [json.dumps(ScoreSummary.from_values(u).to_dict()) for u in units]
+    build = time.perf_counter() - t
+    def merge_markers() -> tuple[ScoreSummary, float]:
+        merged = ScoreSummary.merge_all(ScoreSummary.from_dict(json.loads(m)) for m in markers)
+        return merged, decide(merged, ThresholdConfig()).tau
+
+    merge, merge_peak, (merged, tau_merge) = timed_then_traced(merge_markers)
     d = root / "scores"
     d.mkdir()
-    per = n // files
-    for k in range(files):
-        x = np.concatenate([rng.standard_t(3, size=per - per // 10), rng.normal(12, 1, size=per // 10)])
-        pq.write_table(pa.table({"fihs": x, "pad": np.zeros(per, np.int8)}), d / f"p{k:03d}.parquet")
-    tracemalloc.start()
-    t = time.perf_counter()
-    agg = ray.data.read_parquet(str(d), columns=["fihs"]).aggregate(SummaryAgg.build())
-    summary = ScoreSummary.from_dict(agg["summary"])
-    decision = decide(summary, ThresholdConfig())
-    wall = time.perf_counter() - t
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    import json
+    files = 20
+    for k, chunk in enumerate(np.array_split(x, files)):
+        pq.write_table(pa.table({"fihs": chunk, "pad": np.zeros(len(chunk), np.int8)}), d / f"p{k:03d}.parquet")
+    import pyarrow.fs as pafs
 
-    return {"rows": summary.count, "seconds": wall, "driver_peak_MiB": peak / 2**20,
-            "summary_bytes": len(json.dumps(summary.to_dict())), "tau": decision.tau,
-            "branch": decision.evidence.get("branch"),
-            "raw_float64_MiB": n * 8 / 2**20}
+    def scan_parts() -> tuple[ScoreSummary, object]:
+        scanned = aggregate_parts(sorted(str(p) for p in d.glob("*.parquet")), pafs.LocalFileSystem())
+        return scanned, decide(scanned, ThresholdConfig())
+
+    scan, scan_peak, (scanned, decision) = timed_then_traced(scan_parts)
+    assert np.array_equal(merged.counts, scanned.counts) and tau_merge == decision.tau
+    return {"rows": merged.count, "units": len(markers), "build_s": build, "merge_s": merge,
+            "merge_peak_MiB": merge_peak / 2**20, "scan_s": scan, "scan_peak_MiB": scan_peak / 2**20,
+            "marker_KiB": statistics.median(len(m) for m in markers) / 1024,
+            "summary_bytes": len(json.dumps(merged.to_dict())), "tau": decision.tau,
+            "branch": decision.evidence.get("branch"), "raw_float64_MiB": n * 8 / 2**20}
 
 
 def main() -> None:
@@ -96,10 +135,11 @@ def main() -> None:
                     help="corpus sizes, comma-separated: the fixed costs (actor start, model load, four Ray Data "
                          "executions) weigh less as the corpus grows, so the ratio is reported per size")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--row-group-rows", type=int, default=50,
+    ap.add_argument("--row-group-rows", type=int, default=1000,
                     help="rows per Parquet row group = per pipeline unit (one task, one part file and one commit "
                          "marker each); real corpora usually have 10^4-10^6")
     ap.add_argument("--skip-reduce", action="store_true")
+    ap.add_argument("--only-reduce", action="store_true", help="part 2 only")
     args = ap.parse_args()
     torch.set_num_threads(1)
     import ray
@@ -113,13 +153,13 @@ def main() -> None:
                  configure_logging=False)
         model = build_model(root)
         table_rows = []
-        for n_rows in [int(x) for x in args.rows.split(",")]:
+        for n_rows in [] if args.only_reduce else [int(x) for x in args.rows.split(",")]:
             src = make_corpus(root / f"in{n_rows}", n_rows=n_rows, n_files=6, seed=1)
             files = sorted(src.glob("*.parquet"))
             for f in files:  # several row groups per file, as real corpora have
                 pq.write_table(pq.read_table(f), f, row_group_size=args.row_group_rows)
             base = {"input": str(src), "model": {"path": model}, "proxy": {"max_probes": 8},
-                    "score": {"verify_rows": 0}, "ray": {"num_actors": 1, "batch_rows": 64}}
+                    "score": {"verify_rows": 0}, "ray": {"num_actors": 1}}
             loop_t, ray_t = [], []
             for r in range(args.repeats):
                 cfg = GradShieldConfig.model_validate({**base, "output": str(root / f"out{n_rows}-{r}")})
@@ -141,9 +181,15 @@ def main() -> None:
                   f"{tokens / rt:.0f} | {lt / rt:.2f} |")
         if not args.skip_reduce:
             r = reduce_bench(root)
-            print(f"\nreduce of {r['rows']:,} scores: {r['seconds']:.1f}s, driver peak traced memory "
-                  f"{r['driver_peak_MiB']:.1f} MiB (raw float64 would be {r['raw_float64_MiB']:.0f} MiB), "
-                  f"summary {r['summary_bytes']:,} bytes as JSON, tau={r['tau']:.3f} ({r['branch']})")
+            print(f"\nreduce of {r['rows']:,} scores (raw float64 would be {r['raw_float64_MiB']:.0f} MiB), "
+                  f"tau={r['tau']:.3f} ({r['branch']}), the same both ways:")
+            print(f"  merge (the pipeline): {r['units']:,} unit summaries (median {r['marker_KiB']:.1f} KiB "
+                  f"as JSON) merged in {r['merge_s']:.1f}s, driver peak traced memory "
+                  f"{r['merge_peak_MiB']:.1f} MiB; building them took {r['build_s']:.1f}s in total "
+                  "(spread over the writer tasks in a run)")
+            print(f"  scan (units without a summary): Ray Data aggregate over the fihs column {r['scan_s']:.1f}s, "
+                  f"driver peak traced memory {r['scan_peak_MiB']:.1f} MiB; merged summary "
+                  f"{r['summary_bytes']:,} bytes as JSON")
     finally:
         ray.shutdown()
         shutil.rmtree(root, ignore_errors=True)

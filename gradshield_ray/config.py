@@ -126,8 +126,9 @@ class RayConfig(_Section):
     num_gpus_per_actor: float = Field(1.0, ge=0)
     num_cpus_per_actor: float = Field(1.0, ge=0)
     # each unit (row group) reaches the actor whole and is scored in chunks of this many rows, cut in row order
-    # (deterministic batch composition); each chunk is micro-batched by score.token_budget
-    batch_rows: int = Field(256, gt=0)
+    # (deterministic batch composition); each chunk is micro-batched by score.token_budget. Larger chunks
+    # length-sort better: 1024 rows ran ~4% faster than 256 on the CPU benchmark model (less padding)
+    batch_rows: int = Field(1024, gt=0)
     render_num_cpus: float = Field(1.0, gt=0)
 
 
@@ -143,7 +144,7 @@ class GradShieldConfig(_Section):
     threshold: ThresholdConfig = ThresholdConfig()
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
-    rows_per_batch: int = Field(256, gt=0)  # rows handed to the scorer at a time
+    rows_per_batch: int = Field(1024, gt=0)  # rows handed to the scorer at a time (local runner; see ray.batch_rows)
 
     @classmethod
     def from_yaml(cls, path: str | Path | None, overrides: list[str] | None = None) -> "GradShieldConfig":

@@ -18,8 +18,6 @@ from gradshield_ray.proxy import load_probes, probe_prefixes, reference_directio
 from gradshield_ray.render import Encoded, encode_messages
 from gradshield_ray.scope import select_parameters, wrap_lora
 
-SCORE_COLUMNS = ("fihs", "gs_n_tokens", "gs_n_loss_tokens", "gs_truncated", "gs_error")
-
 
 class VerificationError(RuntimeError):
     """The batched method disagrees with the brute-force definition on this model."""

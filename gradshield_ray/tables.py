@@ -4,15 +4,20 @@ Input columns are never touched: score columns are appended, and filters select 
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from gradshield_ray.config import DataConfig
 from gradshield_ray.render import Encoded, RenderError, encode_row, required_columns
-from gradshield_ray.scorer import SCORE_COLUMNS, FIHSScorer
+
+if TYPE_CHECKING:  # annotations only: the Arrow steps themselves need no torch
+    from gradshield_ray.scorer import FIHSScorer
 
 ROW_ID = "gs_row_id"
+SCORE_COLUMNS = ("fihs", "gs_n_tokens", "gs_n_loss_tokens", "gs_truncated", "gs_error")
 OUR_COLUMNS = (ROW_ID, *SCORE_COLUMNS)
 SCORE_SCHEMA = pa.schema([
     ("fihs", pa.float64()),

@@ -5,6 +5,7 @@ replaces the Ray start with an assertion, so reaching it fails the test."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -105,6 +106,25 @@ def test_prefix_without_parquet(s3, tiny_model_dir, tmp_path):
     (tmp_path / "in" / "_SUCCESS").write_text("")
     fails_fast(cfg_for(tiny_model_dir, s3, input=str(tmp_path / "in"), output=str(tmp_path / "o")),
                r"contains no \*\.parquet files \(1 other files\)")
+
+
+@pytest.mark.parametrize("bad,message", [
+    (b"not parquet at all", r"bad\.parquet: not a readable Parquet file"),
+    (None, r"bad\.parquet.*messages"),  # readable Parquet without the messages column
+])
+def test_unusable_input_file(s3, tiny_model_dir, tmp_path, bad, message):
+    """Footers are read and schema-checked on the driver: one unusable file among good ones fails the run,
+    naming the file, before Ray starts (its rows are unknown, so skipping it could lose rows)."""
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"messages": [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]]}),
+                   tmp_path / "in" / "good.parquet")
+    if bad is None:
+        pq.write_table(pa.table({"text": ["no messages column"]}), tmp_path / "in" / "bad.parquet")
+    else:
+        (tmp_path / "in" / "bad.parquet").write_bytes(bad)
+    msg = fails_fast(cfg_for(tiny_model_dir, s3, input=str(tmp_path / "in"), output=str(tmp_path / "o")),
+                     "1 input file\\(s\\) cannot be used")
+    assert re.search(message, msg), msg
 
 
 @pytest.mark.parametrize("side", ["input", "output"])

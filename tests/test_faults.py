@@ -322,7 +322,7 @@ def test_driver_killed_in_pass1_and_pass2_then_rerun(env, baseline, tmp_path, mo
         raise RuntimeError("stopped by the test after pass 1")
 
     with monkeypatch.context() as mp:
-        mp.setattr(ray_pipeline.SummaryAgg, "build", staticmethod(stop))
+        mp.setattr(ray_pipeline, "decide", stop)
         with pytest.raises(RuntimeError, match="stopped by the test"):
             ray_pipeline.run_pipeline(GradShieldConfig.model_validate(cfg))
     assert len(keys(env, "dk/scored/_units/")) == N_UNITS and not keys(env, "dk/kept/")

@@ -132,6 +132,33 @@ def test_resume_after_failure_scores_fewer_rows(tmp_path, s3, ray_local, corpus,
                                         for k in ("kept", "removed", "errors")) if t is not None])
     ids = got["gs_row_id"].to_pylist()
     assert len(ids) == len(set(ids)) == total
+    _check_reduce_from_markers(client, cfg, man)
+
+
+def _check_reduce_from_markers(client, cfg, man) -> None:
+    """τ comes from the unit summaries in the commit markers (merged on the driver, the scores are not
+    read again). They must equal a Ray Data scan of the committed parts' fihs column, bin for bin; and
+    markers written without a summary (an older version's) are reduced from their parts to the same τ."""
+    from gradshield_ray.ray_pipeline import aggregate_parts, run_pipeline
+    from gradshield_ray.storage import filesystem
+    from gradshield_ray.summary import ScoreSummary
+
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket="corpus", Prefix="run2/scored/_units/")["Contents"]]
+    markers = {k: json.loads(client.get_object(Bucket="corpus", Key=k)["Body"].read()) for k in keys}
+    merged = ScoreSummary.merge_all(ScoreSummary.from_dict(m["summary"]) for m in markers.values())
+    fs, _ = filesystem(cfg.output, cfg.storage)
+    scan = aggregate_parts(sorted(p for m in markers.values() for p in m["parts"]), fs)
+    assert np.array_equal(merged.counts, scan.counts)
+    assert (merged.count, merged.min, merged.max) == (scan.count, scan.min, scan.max)
+    assert merged.count == man["counts"]["kept"] + man["counts"]["removed"]
+    assert merged.sum == pytest.approx(scan.sum, rel=1e-12, abs=1e-12)
+    for k in keys[::2]:  # half the markers as an older version wrote them
+        legacy = {f: v for f, v in markers[k].items() if f != "summary"}
+        client.put_object(Bucket="corpus", Key=k, Body=json.dumps(legacy).encode())
+    client.delete_object(Bucket="corpus", Key="run2/manifest.json")
+    again = run_pipeline(cfg)
+    assert again["scoring"]["rows_scored_this_attempt"] == 0
+    assert again["tau"] == pytest.approx(man["tau"], rel=1e-9) and again["counts"] == man["counts"]
 
 
 def test_rerun_with_other_config_refuses(s3, ray_local, corpus, tiny_model_dir):
