@@ -14,7 +14,8 @@ Baselines:
   forward + backward + AdamW step;
 - epoch_sorted: the same with length-sorted batches (the tricks FIHS uses, given to training too);
 - loop: the per-example loop (batch of one, backward, dot with v), as LESS-style tools compute features.
-Methods: hooks (default; v's low-rank factors where they are cheaper), hooks_dense (factors off), jvp, vmap;
+Methods: hooks (default; v's low-rank factors where they are cheaper, and only v's nonzero rows of the LM head /
+tied embedding), hooks_dense (factors off), hooks_rows_off (the head contracted with all of v's rows), jvp, vmap;
 then hooks per scope, and hooks on each row's opening (score.answer_tokens = 1, 3: the row is cut after the
 first k answer tokens, so the answer's remaining tokens cost nothing; tokens/s counts the full rows).
 """
@@ -36,7 +37,7 @@ from gradshield_ray.batching import collate, micro_batches
 from gradshield_ray.render import Encoded
 from gradshield_ray.scope import select_parameters, wrap_lora
 
-METHODS = ["epoch", "epoch_sorted", "loop", "hooks", "hooks_dense", "jvp", "vmap"]
+METHODS = ["epoch", "epoch_sorted", "loop", "hooks", "hooks_dense", "hooks_rows_off", "jvp", "vmap"]
 SCOPES = ["no_embed", "mlp", "layers:1-2", "last:1", "lora"]
 ANSWER_TOKENS = [1, 3]  # score.answer_tokens: tokens/s still counts every token of the full rows
 
@@ -119,11 +120,15 @@ def run_method(name: str, model, rows, budget: int, scope: str = "all", answer_t
         return time.perf_counter() - t, sum(r.n_tokens for r in rows)
     batches = fihs_batches(rows, budget)
     t = time.perf_counter()
-    if name in ("hooks", "hooks_dense"):
+    if name in ("hooks", "hooks_dense", "hooks_rows_off"):
         hs = fihs.HookScorer(model, params, v, cosine=False, factors=factors,
                              use_factors="never" if name == "hooks_dense" else "auto")
-        for b in batches:
-            hs(b)
+        sparse, fihs.SPARSE_ROWS = fihs.SPARSE_ROWS, (0.0 if name == "hooks_rows_off" else fihs.SPARSE_ROWS)
+        try:
+            for b in batches:
+                hs(b)
+        finally:
+            fihs.SPARSE_ROWS = sparse
     elif name == "jvp":
         with torch.no_grad():
             for b in batches:

@@ -264,6 +264,9 @@ def _embedding_scale(mod: torch.nn.Embedding) -> float | None:
     return None
 
 
+SPARSE_ROWS = 0.25  # contract over v's nonzero rows when at most this share of a weight's rows are nonzero
+
+
 class HookScorer:
     """Batched exact FIHS through module hooks; one instance per model, reused across batches."""
 
@@ -333,18 +336,24 @@ class HookScorer:
         w, b = names.get("weight"), names.get("bias")
         x2 = x.detach().reshape(B, -1, x.shape[-1])
         dt = x2.dtype
-        Vw = self._cast(id(w), self.v[id(w)], dt) if w is not None else None
         Vb = self._cast(id(b), self.v[id(b)], dt) if b is not None else None
+        rows = self._sparse_rows(w) if w is not None else None
         fac = self.factors.get(id(w)) if w is not None else None
         if fac is not None and not self.cosine:
             K = fac[0].shape[0]
-            cheaper = K * (mod.in_features + mod.out_features) < mod.in_features * mod.out_features
+            cost = K * (mod.in_features + mod.out_features)
+            cheaper = cost < min(mod.in_features * mod.out_features,
+                                 math.inf if rows is None else rows.numel() * mod.in_features)
             fac = fac if (self.use_factors == "always" or (self.use_factors == "auto" and cheaper)) else None
         else:
             fac = None
+        rows = None if fac is not None else rows
+        Vw = self._cast(id(w), self.v[id(w)], dt) if (w is not None and fac is None and rows is None) else None
         if fac is not None:  # ⟨g, (AᵀB) x⟩ = ⟨g Aᵀ, x Bᵀ⟩: keep only x Bᵀ ([N, K]) until backward
             A, Bf = self._cast(("A", id(w)), fac[0], dt), self._cast(("B", id(w)), fac[1], dt)
             xb, u = x2 @ Bf.T, None
+        elif rows is not None:  # ⟨g, V x⟩ over V's nonzero rows only: u = x V[rows]ᵀ, [N, r]
+            u = F.linear(x2, self._cast(("rows", id(w)), self.v[id(w)][rows], dt))
         else:
             # keep whichever is smaller alive until backward: x (then ⟨g·V, x⟩) or u = x·Vᵀ (then ⟨g, u⟩)
             u = F.linear(x2, Vw) if (Vw is not None and mod.out_features < mod.in_features) else None
@@ -354,6 +363,8 @@ class HookScorer:
             per = torch.zeros(B, dtype=torch.float64, device=g.device)
             if fac is not None:
                 per = per + torch.linalg.vecdot(_f32(g2 @ A.T), _f32(xb)).double().sum(1)
+            elif rows is not None:
+                per = per + torch.linalg.vecdot(_f32(g2.index_select(-1, rows)), _f32(u)).double().sum(1)
             elif Vw is not None:
                 per = per + (torch.linalg.vecdot(_f32(g2), _f32(u)) if u is not None else
                              torch.linalg.vecdot(_f32(g2 @ Vw), _f32(x2))).double().sum(1)
@@ -367,6 +378,18 @@ class HookScorer:
                     self._add_factor(b, _Dense(_f32(g2), None))
 
         return tap
+
+    def _sparse_rows(self, w: torch.nn.Parameter) -> torch.Tensor | None:
+        """Indices of v's nonzero rows for this weight when they are at most SPARSE_ROWS of them, else None.
+        Why: v = ∇S only reaches an LM head through the comply and refuse logits, so an untied head's v has
+        2 nonzero rows, and a tied embedding/head matrix's v only the rows of the probes' tokens (a few
+        hundred of a 32k–262k vocabulary). Contracting over those rows is exact and skips a vocab-sized
+        GEMM per scored position."""
+        key = ("rows?", id(w))
+        if key not in self._casts:
+            nz = torch.nonzero(self.v[id(w)].abs().amax(dim=1)).squeeze(1)
+            self._casts[key] = nz if nz.numel() <= SPARSE_ROWS * self.v[id(w)].shape[0] else None
+        return self._casts[key]
 
     def _embedding(self, mod, names, ids, B, scale: float):
         """out = scale · W[ids] (scale 1 for nn.Embedding, embed_scale for Gemma's scaled embedding)."""

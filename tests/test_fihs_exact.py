@@ -90,6 +90,35 @@ def test_vmap_matches_brute_force(tiny_model_dir, sample_rows, scope, normalize)
         scorer.score_encoded(enc, "vmap")
 
 
+@pytest.mark.parametrize("model", ["untied", "tied"])
+def test_sparse_rows_of_v_are_exact(untied_model_dir, tiny_model_dir, sample_rows, model, monkeypatch):
+    """v reaches an LM head only through the comply and refuse logits, so the hooks contract over v's
+    nonzero rows alone. An untied head takes that path by default (exactly those 2 rows); a tied
+    embedding/head matrix is forced onto it here (its nonzero rows are the probes' tokens, more than the
+    default share of this tiny vocabulary). Both match brute force and the dense contraction."""
+    from gradshield_ray import fihs
+
+    path = untied_model_dir if model == "untied" else tiny_model_dir
+    if model == "tied":
+        monkeypatch.setattr(fihs, "SPARSE_ROWS", 1.0)
+    scorer = make_scorer(path, v_factors="never")
+    head = scorer.model.get_output_embeddings().weight
+    rows = scorer.hooks._sparse_rows(head)
+    assert rows is not None
+    if model == "untied":
+        assert sorted(rows.tolist()) == sorted([scorer.comply_id, scorer.refuse_id])
+    else:
+        assert 2 < rows.numel() < head.shape[0]
+    enc = encode_all(scorer, sample_rows)
+    scorer.cfg.score.max_batch_size = 3
+    sparse = scorer.score_encoded(enc, "hooks")
+    assert_close(sparse, scorer.score_encoded(enc, "brute"))
+    monkeypatch.setattr(fihs, "SPARSE_ROWS", 0.0)  # only all-zero v takes the sparse path now
+    dense = make_scorer(path, v_factors="never")
+    assert dense.hooks._sparse_rows(dense.model.get_output_embeddings().weight) is None
+    assert_close(sparse, dense.score_encoded(enc, "hooks"), rel=1e-6)
+
+
 def test_default_method_is_an_exact_one():
     from gradshield_ray.config import ScoreConfig
 
