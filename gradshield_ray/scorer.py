@@ -121,7 +121,8 @@ class FIHSScorer:
         rtol = self.cfg.score.verify_rtol or (1e-4 if self.cfg.model.dtype == "float32" else 5e-2)
         if not err <= rtol * max(scale, 1e-30):
             raise VerificationError(f"score.method={method} differs from brute force by {err:.3g} "
-                                    f"(scale {scale:.3g}); use score.method=brute for this model")
+                                    f"(scale {scale:.3g}); use score.method=jvp (exact, dot products only, "
+                                    "much faster than brute) or score.method=brute for this model")
         self.stats = ScoreStats()
 
 

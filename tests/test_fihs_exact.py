@@ -175,7 +175,7 @@ def test_verification_passes_and_catches_a_wrong_method(tiny_model_dir, monkeypa
         return (dots * 1.01 if method == "hooks" else dots), sq
 
     monkeypatch.setattr(scorer_mod.FIHSScorer, "_dots", wrong)
-    with pytest.raises(scorer_mod.VerificationError, match="differs from brute force"):
+    with pytest.raises(scorer_mod.VerificationError, match="differs from brute force.*use score.method=jvp"):
         make_scorer(tiny_model_dir, verify_rows=2)
 
 
