@@ -72,8 +72,9 @@ def timed(fn, device: str, steps: int) -> float:
     return (time.perf_counter() - t) / steps
 
 
-def flops(model, seq: int, factors: dict | None) -> dict[str, float]:
-    """Per-token FLOPs of a train step and of the hooks method (attention score FLOPs included)."""
+def flops(model, seq: int, factors: dict | None, head_rows: int | None = None) -> dict[str, float]:
+    """Per-token FLOPs of a train step and of the hooks method (attention score FLOPs included).
+    head_rows: v's nonzero rows of the LM head, over which the hooks contract it (fihs.HookScorer)."""
     c = model.config
     body = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
     head = c.vocab_size * c.hidden_size
@@ -88,7 +89,8 @@ def flops(model, seq: int, factors: dict | None) -> dict[str, float]:
     resp = 0.5  # the LM head runs at response positions only in FIHS
     f_lm = getattr(model.lm_head, "weight")
     k_lm = (factors or {}).get(id(f_lm))
-    head_contr = 2 * (min(head, k_lm[0].shape[0] * (c.vocab_size + c.hidden_size)) if k_lm is not None else head)
+    options = [head] + ([k_lm[0].shape[0] * (c.vocab_size + c.hidden_size)] if k_lm is not None else [])
+    head_contr = 2 * min(options + ([head_rows * c.hidden_size] if head_rows is not None else []))
     return {
         "train": 6 * (body + head) + 3 * attn,
         "hooks": 4 * body + 2 * attn + contraction + resp * (4 * head + head_contr),
@@ -141,7 +143,7 @@ def main() -> None:
             train_s[seq] = None
             model.requires_grad_(False)
         print(json.dumps({"seq": seq, "train_s": train_s[seq]}), flush=True)
-    del opt
+    opt = None  # frees the optimizer state before v exists
     for p in model.parameters():
         p.grad = None
     if dev.type == "cuda":
@@ -157,6 +159,8 @@ def main() -> None:
     factors = {k: (a.to(dtype), b.to(dtype)) for k, (a, b) in cap.result().items()}
     hooks = fihs.HookScorer(model, params, v, cosine=False, factors=factors)
     hooks_dense = fihs.HookScorer(model, params, v, cosine=False, factors=None, use_factors="never")
+    nz = hooks._sparse_rows(model.lm_head.weight)
+    head_rows = None if nz is None else nz.numel()
     for seq in seqs:
         data, batch = batches[seq]
         bsz, ntok = len(data), len(data) * seq
@@ -170,8 +174,8 @@ def main() -> None:
         singles = [collate([d], 0).to(dev) for d in data[: args.loop_rows]]
         res["loop_s_per_row"] = timed(lambda: fihs.brute_force(model, params, v, singles, False), args.device,
                                       1) / len(singles)
-        fl = {"train": flops(model, seq, factors)["train"], "hooks": flops(model, seq, factors)["hooks"],
-              "hooks_dense": flops(model, seq, None)["hooks"]}
+        fl = {"train": flops(model, seq, factors)["train"], "hooks": flops(model, seq, factors, head_rows)["hooks"],
+              "hooks_dense": flops(model, seq, None, head_rows)["hooks"]}
         for k in ("train", "hooks", "hooks_dense"):
             sec = res.get(f"{k}_s")
             if sec:

@@ -91,8 +91,6 @@ def reduce_bench(root: Path, n: int = 10_000_000, unit_rows: int = 1000) -> dict
       for units committed without a summary (markers of an older version)."""
     import json
 
-    import ray
-
     from gradshield_ray.ray_pipeline import aggregate_parts
     from gradshield_ray.summary import ScoreSummary
     from gradshield_ray.threshold import ThresholdConfig, decide

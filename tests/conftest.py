@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -49,3 +51,19 @@ def sample_rows() -> list[list[dict[str, str]]]:
     rows.append(chat("Hi", "I cannot help with that.") + chat("Why not?", "Sure, it is fine then, here it is."))
     rows.append(chat("Give me a number", "42"))
     return rows
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A fresh local Ray per test module: 2 CPUs and one logical GPU, so num_gpus=1 actors schedule here.
+    address="local" starts a new one even when a `ray start` cluster of another test runs on this machine;
+    the short temp dir keeps Ray's socket paths under their length limit."""
+    import ray
+
+    tmp = tempfile.mkdtemp(prefix="gsr", dir="/tmp")
+    os.environ["AWS_EC2_METADATA_DISABLED"] = "true"  # boto/pyarrow never wait for an instance-metadata service
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, configure_logging=False,
+             log_to_driver=False, _temp_dir=tmp, _node_ip_address="127.0.0.1")
+    yield
+    ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)

@@ -52,3 +52,12 @@ def upload_dir(client, local_dir, bucket: str, prefix: str) -> None:
     for p in sorted(local_dir.rglob("*")):
         if p.is_file():
             client.upload_file(str(p), bucket, f"{prefix}/{p.relative_to(local_dir).as_posix()}")
+
+
+@contextmanager
+def s3_bucket(name: str):
+    """A moto_server process holding one empty bucket: yields (endpoint URL, boto3 client)."""
+    with moto_server() as url:
+        client = s3_client(url)
+        client.create_bucket(Bucket=name)
+        yield url, client

@@ -25,9 +25,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from s3server import FAKE_KEY, FAKE_SECRET, moto_server, s3_client, upload_dir
+from s3server import FAKE_KEY, FAKE_SECRET, s3_bucket, upload_dir
 
 from gradshield_ray.config import GradShieldConfig
 
@@ -241,23 +238,8 @@ def test_local_unusable_file_fails_fast(tmp_path, tiny_model_dir, case, message)
 
 @pytest.fixture(scope="module")
 def s3():
-    with moto_server() as url:
-        c = s3_client(url)
-        c.create_bucket(Bucket="bad")
-        yield url, c
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    tmp = tempfile.mkdtemp(prefix="gsb", dir="/tmp")  # short: Ray's socket paths have a length limit
-    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, configure_logging=False,
-             log_to_driver=False, _temp_dir=tmp, _node_ip_address="127.0.0.1")
-    yield
-    ray.shutdown()
-    shutil.rmtree(tmp, ignore_errors=True)
+    with s3_bucket("bad") as s:
+        yield s
 
 
 def ray_cfg(url: str, prefix: str, model: str, **extra) -> GradShieldConfig:

@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from s3server import FAKE_KEY, FAKE_SECRET, free_port, moto_server, s3_client, upload_dir

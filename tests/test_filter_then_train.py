@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from s3server import FAKE_KEY, FAKE_SECRET, moto_server, s3_client, upload_dir
+from s3server import FAKE_KEY, FAKE_SECRET, s3_bucket, upload_dir
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "pipelines" / "filter_then_train.py"
@@ -38,23 +38,15 @@ def _env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
+def ray_local(ray_local):
     pytest.importorskip("deepspeed", reason="the train extra (deepspeed) is not installed")
-    # address="local": a fresh Ray even when a `ray start` cluster of another test is running on this machine
-    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, configure_logging=False,
-             log_to_driver=False)
     yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
 def s3():
-    with moto_server() as url:
-        client = s3_client(url)
-        client.create_bucket(Bucket="corpus")
-        yield url, client
+    with s3_bucket("corpus") as s:
+        yield s
 
 
 def storage_cfg(url: str) -> dict:

@@ -3,7 +3,6 @@ row with its reason; it is never coerced to 0 and never reaches the threshold. R
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq

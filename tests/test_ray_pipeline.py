@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from s3server import FAKE_KEY, FAKE_SECRET, moto_server, s3_client, upload_dir
+from s3server import FAKE_KEY, FAKE_SECRET, s3_bucket, upload_dir
 
 from gradshield_ray.config import GradShieldConfig
 from gradshield_ray.demo import make_corpus
@@ -19,22 +17,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    with moto_server() as url:
-        c = s3_client(url)
-        c.create_bucket(Bucket="corpus")
-        yield url, c
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
-    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, configure_logging=False,
-             log_to_driver=False)
-    yield
-    ray.shutdown()
+def s3():
+    with s3_bucket("corpus") as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
