@@ -473,9 +473,11 @@ def split_part(batch: pa.Table, output_uri: str, storage_json: str, tau: float,
 
 
 def run_identity(cfg: GradShieldConfig) -> dict[str, Any]:
-    """What must match for a rerun to continue a run: the scoring-relevant config and the model."""
+    """What must match for a rerun to continue a run: the scoring-relevant config and the model. The
+    threshold is not part of it: a rerun with another threshold config re-decides τ from the committed
+    scores (see run_pipeline)."""
     c = cfg.to_public_dict()
-    relevant = {k: c[k] for k in ("input", "model", "data", "proxy", "score", "threshold")}
+    relevant = {k: c[k] for k in ("input", "model", "data", "proxy", "score")}
     return {"config": relevant, "model_fingerprint": report.model_fingerprint(cfg.model.path)}
 
 
@@ -492,7 +494,9 @@ def _check_identity(fs, out_root: str, cfg: GradShieldConfig) -> bool:
     path = storage.join(out_root, "run.json")
     if not storage.exists(fs, path):
         return False
-    diff = _differences(storage.read_json(fs, path), run_identity(cfg))
+    prev = storage.read_json(fs, path)
+    prev.get("config", {}).pop("threshold", None)  # recorded by versions that made τ part of the identity
+    diff = _differences(prev, run_identity(cfg))
     if diff:
         what = ["model (model_fingerprint: the weights or config.json at model.path changed)"
                 if d == "model_fingerprint" else d for d in diff]
@@ -573,8 +577,15 @@ def run_pipeline(cfg: GradShieldConfig) -> dict[str, Any]:
     fs, out_root = storage.filesystem(cfg.output, cfg.storage)
     manifest_path = storage.join(out_root, "manifest.json")
     if storage.exists(fs, manifest_path):
-        log.info("run already committed: %s", cfg.output)
-        return storage.read_json(fs, manifest_path)
+        committed = storage.read_json(fs, manifest_path)
+        if committed.get("config", {}).get("threshold") == report._jsonable(cfg.to_public_dict()["threshold"]):
+            log.info("run already committed: %s", cfg.output)
+            return committed
+        # only the threshold changed (run_identity matched): τ and pass 2 are redone from the committed
+        # scores and unit summaries, nothing is rescored; the old manifest goes first, so the old split is
+        # never presented as this config's result
+        log.info("threshold config changed: redoing the reduce and pass 2 from the committed scores")
+        fs.delete_file(manifest_path)
     t0 = time.perf_counter()
     listing = list_input(cfg)
     units = list_units(cfg, listing)  # before Ray starts: an unusable file fails in seconds

@@ -147,13 +147,24 @@ def _check_reduce_from_markers(client, cfg, man) -> None:
 
 
 def test_rerun_with_other_config_refuses(s3, ray_local, corpus, tiny_model_dir):
+    """Another scoring config on a committed prefix is refused; another threshold config re-decides τ from
+    the committed scores (nothing rescored) and replaces the split and the manifest."""
     from gradshield_ray.ray_pipeline import RunError, run_pipeline
 
-    url, _ = s3
-    run_pipeline(cfg_for(tiny_model_dir, url, "s3://corpus/run3", threshold={"policy": "keep_all"}))
+    url, client = s3
+    keep_all = run_pipeline(cfg_for(tiny_model_dir, url, "s3://corpus/run3", threshold={"policy": "keep_all"}))
+    assert keep_all["counts"]["removed"] == 0
     with pytest.raises(RunError, match="different config.score.scope"):
         run_pipeline(cfg_for(tiny_model_dir, url, "s3://corpus/run3", threshold={"policy": "keep_all"},
                              score={"scope": "mlp"}))
+    top = run_pipeline(cfg_for(tiny_model_dir, url, "s3://corpus/run3",
+                               threshold={"policy": "top_fraction", "fraction": 0.25}))
+    assert top["scoring"]["rows_scored_this_attempt"] == 0
+    assert top["policy"] == "top_fraction" and top["counts"]["removed"] > 0
+    assert top["counts"]["input"] == keep_all["counts"]["input"]
+    removed = read_s3_dir(client, "corpus", "run3/removed/")
+    assert removed is not None and removed.num_rows == top["counts"]["removed"]
+    assert min(removed["fihs"].to_pylist()) > top["tau"]
 
 
 @pytest.mark.parametrize("override,message", [
