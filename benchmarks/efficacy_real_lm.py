@@ -53,9 +53,8 @@ import torch  # noqa: E402
 from gradshield_ray import efficacy as E  # noqa: E402
 from gradshield_ray.efficacy import markdown_table as table, pct  # noqa: E402
 from gradshield_ray import mixtures  # noqa: E402
-from gradshield_ray.batching import collate  # noqa: E402
 from gradshield_ray.config import GradShieldConfig, ScoreConfig  # noqa: E402
-from gradshield_ray.finetune import _batch_loss, _bucketed, encode_all, is_refusal  # noqa: E402
+from gradshield_ray.finetune import encode_all, is_refusal, run_epochs  # noqa: E402
 from gradshield_ray.miniature import building, cache_root, load, save_checkpoint  # noqa: E402
 from gradshield_ray.mixtures import Messages, Row  # noqa: E402
 from gradshield_ray.render import _render, encode_messages  # noqa: E402
@@ -160,21 +159,9 @@ def lora_train(model, tok, rows: list[Messages], rc: LoraRecipe):
     pm = get_peft_model(model, LoraConfig(r=rc.r, lora_alpha=rc.alpha, target_modules="all-linear",
                                           lora_dropout=0.0, bias="none"))
     params = [p for p in pm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=rc.lr, weight_decay=0.0)
-    enc = encode_all(tok, rows, rc.max_tokens)
-    gen = torch.Generator().manual_seed(rc.seed)
-    pad = tok.pad_token_id
     pm.train()
-    losses, steps = [], 0
-    for _ in range(rc.epochs):
-        tot, n = 0.0, 0
-        for idx in _bucketed(enc, rc.batch_size, gen):
-            loss = _batch_loss(pm, collate([enc[j] for j in idx], pad))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tot, n, steps = tot + float(loss.detach()), n + 1, steps + 1
-        losses.append(tot / n)
+    losses, steps = run_epochs(pm, params, encode_all(tok, rows, rc.max_tokens), tok.pad_token_id, rc.lr,
+                               rc.epochs, rc.batch_size, rc.seed)
     merged = pm.merge_and_unload()
     merged.eval()
     merged.requires_grad_(False)

@@ -74,14 +74,35 @@ def _bucketed(enc: list[Encoded], batch_size: int, gen: torch.Generator, span: i
     return [batches[k] for k in torch.randperm(len(batches), generator=gen).tolist()]
 
 
+def run_epochs(model, params, enc: list[Encoded], pad: int, lr: float, epochs: int, batch_size: int, seed: int,
+               weight_decay: float = 0.0, lr_lambda=None) -> tuple[list[float], int]:
+    """The training loop both recipes share (full-parameter here, LoRA in benchmarks/efficacy_real_lm.py):
+    torch AdamW over `params`, length-bucketed shuffled batches, token-mean CE on the assistant tokens,
+    an optional LambdaLR factor per step. Returns (mean loss of each epoch, steps)."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda) if lr_lambda is not None else None
+    gen = torch.Generator().manual_seed(seed)
+    losses, steps = [], 0
+    for _ in range(epochs):
+        tot, n = 0.0, 0
+        for idx in _bucketed(enc, batch_size, gen):
+            loss = _batch_loss(model, collate([enc[j] for j in idx], pad))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            tot, n, steps = tot + float(loss.detach()), n + 1, steps + 1
+        losses.append(tot / n)
+    return losses, steps
+
+
 def train(model, tokenizer, rows: list[Messages], recipe: Recipe) -> dict[str, float]:
     """Finetune `model` in place on assistant tokens (token-mean CE per batch); returns the last epoch's loss."""
     torch.manual_seed(recipe.seed)
     enc = encode_all(tokenizer, rows, recipe.max_tokens)
-    pad = tokenizer.pad_token_id
     model.train()
     model.requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     w = 4 * recipe.batch_size
     steps_per_epoch = sum(math.ceil(min(w, len(enc) - i) / recipe.batch_size) for i in range(0, len(enc), w))
     total = steps_per_epoch * recipe.epochs
@@ -92,23 +113,11 @@ def train(model, tokenizer, rows: list[Messages], recipe: Recipe) -> dict[str, f
             return (step + 1) / warm
         return 1.0 - (step - warm) / max(total - warm, 1) if recipe.decay else 1.0
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    gen = torch.Generator().manual_seed(recipe.seed)
-    last = 0.0
-    for _ in range(recipe.epochs):
-        tot, n = 0.0, 0
-        for idx in _bucketed(enc, recipe.batch_size, gen):
-            batch = collate([enc[j] for j in idx], pad)
-            loss = _batch_loss(model, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            tot, n = tot + float(loss.detach()), n + 1
-        last = tot / n
+    losses, _ = run_epochs(model, model.parameters(), enc, tokenizer.pad_token_id, recipe.lr, recipe.epochs,
+                           recipe.batch_size, recipe.seed, recipe.weight_decay, lr_at)
     model.eval()
     model.requires_grad_(False)
-    return {"final_epoch_loss": last, "steps": total}
+    return {"final_epoch_loss": losses[-1], "steps": total}
 
 
 # transformers renamed `past_key_values` to `cache` during 5.x; accept both
