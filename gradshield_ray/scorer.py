@@ -60,6 +60,15 @@ class FIHSScorer:
         if sc.verify_rows:
             self.verify(self._verification_rows(prompts[: sc.verify_rows]))
 
+    def set_direction(self, v: dict[str, torch.Tensor]) -> None:
+        """Score against another reference direction over the same scope (benchmarks that compare proxies);
+        v's exact low-rank factors belong to the default proxy, so they are dropped."""
+        if set(v) != set(self.params):
+            raise ValueError("set_direction: v must cover exactly the scorer's scope parameters")
+        self.v, self.v_norm = v, fihs.direction_norm(v)
+        self.hooks = fihs.HookScorer(self.model, self.params, v, self.cfg.score.normalize == "cosine", None,
+                                     "never")
+
     # ---------------------------------------------------------------- methods
     def _dots(self, batch, method: str):
         cos = self.cfg.score.normalize == "cosine"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 
 from gradshield_ray.config import GradShieldConfig, ProxyConfig
@@ -66,3 +67,33 @@ def test_comply_and_refuse_must_differ(tok):
 
     with pytest.raises(ProxyError, match="resolve to the same token"):
         resolve_pair(tok, ["How?"], ProxyConfig(comply="Sure", refuse="Sure"))
+
+
+def test_swapped_direction_and_continuation_proxy(tiny_model_dir):
+    """benchmarks/proxy_variants.py compares proxies by swapping v in the product scorer. Its teacher-forced
+    continuation proxy must reduce to the product's first-token logit margin for one-token strings (the
+    softmax normaliser cancels), and a swapped v must score exactly like it: 2·v gives 2·FIHS."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "proxy_variants", Path(__file__).parents[1] / "benchmarks" / "proxy_variants.py")
+    pv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pv)
+    cfg = GradShieldConfig.model_validate({"model": {"path": tiny_model_dir}, "proxy": {"max_probes": 4},
+                                           "score": {"answer_tokens": None}})
+    scorer = FIHSScorer(cfg)
+    probes = load_probes(cfg.proxy)
+    v = pv.continuation_direction(scorer, probes, "Sure", "I")
+    for n, ref in scorer.v.items():
+        assert np.allclose(v[n].numpy(), ref.numpy(), rtol=1e-4, atol=1e-6), n
+    rows = [encode_messages(scorer.tokenizer, [{"role": "user", "content": p},
+                                               {"role": "assistant", "content": a}], 512, "right")
+            for p, a in zip(probes, ["Sure, fine.", "I cannot.", "Here it is", "No"])]
+    before = scorer.score_encoded(rows)
+    scorer.set_direction({n: 2 * t for n, t in scorer.v.items()})
+    assert np.allclose(scorer.score_encoded(rows), 2 * before, rtol=1e-5)
+    longer = pv.continuation_direction(scorer, probes, "Sure, here is", "I cannot")
+    assert any(not torch.allclose(longer[n], v[n]) for n in v)  # more tokens: another direction
+    with pytest.raises(ValueError, match="exactly the scorer's scope"):
+        scorer.set_direction({n: t for n, t in list(v.items())[1:]})
