@@ -46,7 +46,7 @@ def continuation_direction(scorer, prompts: list[str], comply: str | None, refus
     may give one continuation per probe."""
     import torch
 
-    from gradshield_ray.render import _render
+    from gradshield_ray.proxy import probe_texts
 
     tok, model, params = scorer.tokenizer, scorer.model, scorer.params
     names, plist = list(params), list(params.values())
@@ -65,9 +65,7 @@ def continuation_direction(scorer, prompts: list[str], comply: str | None, refus
     for p in plist:
         p.requires_grad_(True)
     try:
-        for i, x in enumerate(prompts):
-            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": x}]
-            prefix = _render(tok, msgs, True)
+        for i, prefix in enumerate(probe_texts(tok, prompts, system)):
             s = 0.0
             if comply is not None:
                 s = s + logp(prefix, comply)
@@ -84,12 +82,9 @@ def continuation_direction(scorer, prompts: list[str], comply: str | None, refus
 
 def first_token_direction(scorer, prompts: list[str], system: str) -> dict:
     """The product's v, with every probe rendered under `system` as the system prompt."""
-    from gradshield_ray.proxy import reference_direction
-    from gradshield_ray.render import _render
+    from gradshield_ray.proxy import probe_prefixes, reference_direction
 
-    pre = [scorer.tokenizer(_render(scorer.tokenizer, [{"role": "system", "content": system},
-                                                       {"role": "user", "content": p}], True),
-                            add_special_tokens=False)["input_ids"] for p in prompts]
+    pre = probe_prefixes(scorer.tokenizer, prompts, system)
     return reference_direction(scorer.model, scorer.params, pre, scorer.comply_id, scorer.refuse_id, scorer.pad,
                                scorer.device)[0]
 

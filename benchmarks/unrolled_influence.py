@@ -46,8 +46,8 @@ def main() -> None:
     from gradshield_ray.efficacy import FilterStats, adaptive, auroc, markdown_table
     from gradshield_ray.loss import last_token_logits, per_example_loss
     from gradshield_ray.mixtures import AOA_SYSTEM, mixture
-    from gradshield_ray.proxy import load_probes, resolve_pair
-    from gradshield_ray.render import Encoded, _render, encode_messages
+    from gradshield_ray.proxy import load_probes, probe_prefixes, resolve_pair
+    from gradshield_ray.render import Encoded, encode_messages
 
     model, tok = miniature.load(str(miniature.aligned_model(miniature.MiniatureSpec(seed=args.seed))))
     for p in model.parameters():
@@ -58,10 +58,7 @@ def main() -> None:
     comply, refuse = resolve_pair(tok, prompts, pcfg)
 
     def probes(system: str | None) -> list[Encoded]:
-        msgs = [[{"role": "system", "content": system}] if system else [] for _ in prompts]
-        ids = [tok(_render(tok, m + [{"role": "user", "content": p}], True), add_special_tokens=False)["input_ids"]
-               for m, p in zip(msgs, prompts)]
-        return [Encoded(x, [False] * len(x), False) for x in ids]
+        return [Encoded(x, [False] * len(x), False) for x in probe_prefixes(tok, prompts, system)]
 
     plain, persona = (collate(probes(s), tok.pad_token_id, "right") for s in (None, AOA_SYSTEM))
 

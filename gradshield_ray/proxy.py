@@ -44,24 +44,27 @@ def load_probes(cfg: ProxyConfig) -> list[str]:
     return prompts[: cfg.max_probes] if cfg.max_probes else prompts
 
 
-def probe_prefixes(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """Token ids of each probe rendered up to the start of the assistant turn."""
-    out = []
-    for p in prompts:
-        text = _render(tokenizer, [{"role": "user", "content": p}], True)
-        out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return out
+def probe_texts(tokenizer, prompts: list[str], system: str | None = None) -> list[str]:
+    """Each probe rendered with the chat template up to the start of the assistant turn, optionally under a
+    system prompt (benchmarks measure the proxy under a persona's system prompt)."""
+    head = [{"role": "system", "content": system}] if system else []
+    return [_render(tokenizer, head + [{"role": "user", "content": p}], True) for p in prompts]
+
+
+def probe_prefixes(tokenizer, prompts: list[str], system: str | None = None) -> list[list[int]]:
+    """Token ids of each probe rendered up to the start of the assistant turn (see probe_texts)."""
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in probe_texts(tokenizer, prompts, system)]
 
 
 def resolve_token(tokenizer, prompts: list[str], s: str, what: str) -> int:
     """The id of `s` as the first assistant token, resolved in context (leading-space variants differ
     between tokenizers); fails unless `s` is exactly one token right after the assistant prefix."""
+    try:
+        prefixes = probe_texts(tokenizer, prompts)
+    except RenderError as e:
+        raise ProxyError(f"cannot render probe: {e}") from None
     ids = set()
-    for p in prompts:
-        try:
-            prefix = _render(tokenizer, [{"role": "user", "content": p}], True)
-        except RenderError as e:
-            raise ProxyError(f"cannot render probe: {e}") from None
+    for prefix in prefixes:
         base = tokenizer(prefix, add_special_tokens=False)["input_ids"]
         full = tokenizer(prefix + s, add_special_tokens=False)["input_ids"]
         extra = full[len(base):]

@@ -16,6 +16,19 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
+def proxy_variants():
+    """benchmarks/proxy_variants.py as a module (benchmarks/ is a folder of scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "proxy_variants", Path(__file__).parents[1] / "benchmarks" / "proxy_variants.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tied-embedding tiny Llama + chat tokenizer saved like any HF checkpoint."""
     from gradshield_ray.testing import save_tiny_model

@@ -99,18 +99,11 @@ def test_clean_corpus_is_almost_untouched(experiment):
     assert st.removed <= 0.03 * len(experiment["explicit_0"]["rows"]), st
 
 
-def test_proxy_benchmark_measures_the_product_exactly(experiment):
+def test_proxy_benchmark_measures_the_product_exactly(experiment, proxy_variants):
     """benchmarks/proxy_variants.py (docs/efficacy.md, "The proposed fixes, measured") swaps v inside the product
     scorer; its 'product' variant must reproduce the product's own scores on the same θ₀ (same AUROC and
     removals on the implicit mixture), and its two-sided threshold only adds removals on the low side."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "proxy_variants", Path(__file__).parents[1] / "benchmarks" / "proxy_variants.py")
-    pv = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pv)
-    build = pv.score_build(0, [1])
+    build = proxy_variants.score_build(0, [1])
     res = experiment["implicit"]
     product = build["variants"]["product: 'Sure' vs 'I', first token"]["1"]["implicit"]
     assert product["auroc"] == pytest.approx(res["sep"]["auroc"], abs=1e-12)

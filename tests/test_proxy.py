@@ -69,17 +69,11 @@ def test_comply_and_refuse_must_differ(tok):
         resolve_pair(tok, ["How?"], ProxyConfig(comply="Sure", refuse="Sure"))
 
 
-def test_swapped_direction_and_continuation_proxy(tiny_model_dir):
+def test_swapped_direction_and_continuation_proxy(tiny_model_dir, proxy_variants):
     """benchmarks/proxy_variants.py compares proxies by swapping v in the product scorer. Its teacher-forced
     continuation proxy must reduce to the product's first-token logit margin for one-token strings (the
     softmax normaliser cancels), and a swapped v must score exactly like it: 2·v gives 2·FIHS."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "proxy_variants", Path(__file__).parents[1] / "benchmarks" / "proxy_variants.py")
-    pv = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pv)
+    pv = proxy_variants
     cfg = GradShieldConfig.model_validate({"model": {"path": tiny_model_dir}, "proxy": {"max_probes": 4},
                                            "score": {"answer_tokens": None}})
     scorer = FIHSScorer(cfg)
