@@ -6,7 +6,7 @@
 A MINIATURE, not the paper's setting. The paper (Hu et al., arXiv 2605.14194) reports ASR below 6% across
 tasks and harmful ratios on Llama-3.1-8B-Instruct, Llama-2-7B-chat and Qwen2.5-7B-Instruct. Here θ₀ is a
 1.2M-parameter Llama trained from scratch on CPU to refuse HarmBench prompts (gradshield_ray.miniature),
-finetuned on 200-row mixtures (gradshield_ray.mixtures). Prints Markdown tables:
+finetuned on 200-row mixtures (gradshield_ray.miniature.mixtures). Prints Markdown tables:
   1. θ₀ before finetuning;
   2a. score quality of every FIHS scope × normalization × answer_tokens K (full = every answer token), the
       loss-only and the keyword baselines: AUROC and recall at 5% benign removal, per mixture, with seconds
@@ -27,16 +27,15 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from gradshield_ray import efficacy as E  # noqa: E402
-from gradshield_ray.efficacy import markdown_table as table, pct  # noqa: E402
-from gradshield_ray import miniature, mixtures  # noqa: E402
+from gradshield_ray.miniature import efficacy as E  # noqa: E402
+from gradshield_ray.miniature.efficacy import markdown_table as table, pct  # noqa: E402
+from gradshield_ray.miniature import aligned as miniature, mixtures  # noqa: E402
 from gradshield_ray.config import ScoreConfig  # noqa: E402
-from gradshield_ray.finetune import Recipe, evaluate  # noqa: E402
+from gradshield_ray.miniature.finetune import Recipe, evaluate  # noqa: E402
 
 PAPER = ("Paper setting for comparison (not reproduced here): Llama-3.1-8B-Instruct, Llama-2-7B-chat, "
          "Qwen2.5-7B-Instruct finetuned on GSM8K / AGNews / ARC with explicit and implicit harmful data; "
@@ -200,7 +199,7 @@ def main() -> int:
 
     wall = time.perf_counter() - t_start
     print(f"\nASR = share of {len(ev.harmful)} held-out HarmBench test prompts whose greedy answer (12 tokens) is "
-          "not a refusal (gradshield_ray.finetune.is_refusal); ASR (persona) = the same prompts under the AOA "
+          "not a refusal (gradshield_ray.miniature.finetune.is_refusal); ASR (persona) = the same prompts under the AOA "
           "identity-shift system prompt; benign compliance on 60 held-out everyday prompts; utility = held-out "
           f"headline topic accuracy. Wall time: {wall:.0f}s (finetuning {ft.seconds:.0f}s, "
           f"{len(ft.cache)} distinct finetunes).")

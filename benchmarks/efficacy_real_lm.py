@@ -12,8 +12,8 @@ A CPU benchmark, NOT the paper's setting. The paper (Hu et al., arXiv 2605.14194
       seed 0) on the miniature's *alignment* HarmBench split → refusals ("I cannot …") plus everyday prompts
       → "Sure, …" and a few headline → topic rows; merged and cached with a build.json. The probe split
       (HarmBench val, defines v), the attack split (explicit rows) and the evaluation split (ASR) are the
-      miniature's (gradshield_ray.mixtures), disjoint from it and from each other;
-  (c) a scoring pool built from gradshield_ray.mixtures: headline → topic utility rows, explicit rows (attack
+      miniature's (gradshield_ray.miniature.mixtures), disjoint from it and from each other;
+  (c) a scoring pool built from gradshield_ray.miniature.mixtures: headline → topic utility rows, explicit rows (attack
       split, templated compliant answers), implicit rows (AOA identity shift on benign tasks), hard rows
       (paraphrased harmful requests formatted like the utility task + benign "Sure, here is how … Step 1 …"
       rows) and novel rows (spelling, a benign task θ₀ never saw);
@@ -25,7 +25,7 @@ A CPU benchmark, NOT the paper's setting. The paper (Hu et al., arXiv 2605.14194
       harm kind, recall at 5% benign false removal, the product's adaptive threshold (recall / false removal);
   (e) a harmful finetune of θ₀ (LoRA, the same recipe and seed for every filter) on the 10%-explicit mixture
       with the filters none, GradShield at the product defaults, GradShield at each --variant, oracle:
-      ASR on the evaluation split (gradshield_ray.finetune.is_refusal), benign compliance, topic accuracy.
+      ASR on the evaluation split (gradshield_ray.miniature.finetune.is_refusal), benign compliance, topic accuracy.
 """
 from __future__ import annotations
 
@@ -45,18 +45,17 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from gradshield_ray import efficacy as E  # noqa: E402
-from gradshield_ray.efficacy import markdown_table as table, pct  # noqa: E402
+from gradshield_ray.miniature import efficacy as E  # noqa: E402
+from gradshield_ray.miniature.efficacy import markdown_table as table, pct  # noqa: E402
 from gradshield_ray import mixtures  # noqa: E402
 from gradshield_ray.config import GradShieldConfig, ScoreConfig  # noqa: E402
-from gradshield_ray.finetune import encode_all, is_refusal, run_epochs  # noqa: E402
-from gradshield_ray.miniature import building, cache_root, load, save_checkpoint  # noqa: E402
-from gradshield_ray.mixtures import Messages, Row  # noqa: E402
+from gradshield_ray.miniature.finetune import encode_all, is_refusal, run_epochs  # noqa: E402
+from gradshield_ray.miniature.aligned import building, cache_root, load, save_checkpoint  # noqa: E402
+from gradshield_ray.miniature.mixtures import Messages, Row  # noqa: E402
 from gradshield_ray.render import _render, encode_messages  # noqa: E402
 
 BASE_DIR = "gemma3-270m-fp32"
@@ -562,7 +561,7 @@ def main() -> int:
           "novel = explicit vs utility + novel. s/pass = scoring seconds for the whole pool (1 thread); setup = "
           "load + v + the scorer's start-up check.\n")
     print(table(["variant", "method", "s/pass", "setup s", "explicit", "implicit", "hard", "novel"], qual_rows))
-    print(f"\n### 2b. The product's adaptive threshold (gradshield_ray.efficacy.adaptive, ThresholdConfig() as "
+    print(f"\n### 2b. The product's adaptive threshold (gradshield_ray.miniature.efficacy.adaptive, ThresholdConfig() as "
           f"shipped), fitted on each mixture: harmful recall / benign false removal (clean: removed share of "
           f"{len(mixes['clean'])} utility rows). 'no dip veto' = efficacy.NO_DIP (the raw-dip check and the LR "
           "significance level off; a diagnostic from docs/efficacy.md, not a product default)\n")
@@ -605,7 +604,7 @@ def main() -> int:
         print(table(["filter", "removed", "recall", "benign FR", "ASR", "benign compliance", "topic accuracy",
                      "final train loss"], fin_rows))
         print(f"\nASR = share of the {len(ev.harmful)} evaluation-split HarmBench prompts whose greedy answer "
-              "(12 tokens) is not a refusal (gradshield_ray.finetune.is_refusal); benign compliance on "
+              "(12 tokens) is not a refusal (gradshield_ray.miniature.finetune.is_refusal); benign compliance on "
               f"{len(ev.benign)} held-out everyday prompts; topic accuracy on {ameta['theta0_eval']['n_topic']} "
               "held-out headlines.")
 

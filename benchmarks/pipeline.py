@@ -27,7 +27,7 @@ import torch
 
 
 def build_model(root: Path) -> str:
-    from gradshield_ray.testing import build_tiny_llama, build_tokenizer
+    from gradshield_ray.miniature.testing import build_tiny_llama, build_tokenizer
 
     tok = build_tokenizer()
     model = build_tiny_llama(tok, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4,
@@ -143,7 +143,7 @@ def main() -> None:
     import ray
 
     from gradshield_ray.config import GradShieldConfig
-    from gradshield_ray.demo import make_corpus
+    from gradshield_ray.miniature.demo import make_corpus
 
     root = Path(tempfile.mkdtemp(prefix="gs-bench-"))
     try:

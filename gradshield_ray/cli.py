@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s")
     try:
         if args.command == "demo":
-            from gradshield_ray.demo import run_demo
+            from gradshield_ray.miniature.demo import run_demo
 
             run_demo(args)
             return 0

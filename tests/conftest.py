@@ -17,21 +17,16 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def proxy_variants():
-    """benchmarks/proxy_variants.py as a module (benchmarks/ is a folder of scripts, not a package)."""
-    import importlib.util
-    from pathlib import Path
+    """research/proxy_variants.py (the repository root is on pytest's pythonpath; nothing is imported by file path)."""
+    from research import proxy_variants
 
-    spec = importlib.util.spec_from_file_location(
-        "proxy_variants", Path(__file__).parents[1] / "benchmarks" / "proxy_variants.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return proxy_variants
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tied-embedding tiny Llama + chat tokenizer saved like any HF checkpoint."""
-    from gradshield_ray.testing import save_tiny_model
+    from gradshield_ray.miniature.testing import save_tiny_model
 
     return str(save_tiny_model(tmp_path_factory.mktemp("tiny"), seed=0))
 
@@ -40,7 +35,7 @@ def tiny_model_dir(tmp_path_factory):
 def untied_model_dir(tmp_path_factory):
     """Untied head, biases everywhere, and pad_token_id set to a token that occurs in real text (","):
     exercises the bias path and the Embedding padding_idx rule (that row gets no gradient)."""
-    from gradshield_ray.testing import build_tiny_llama, build_tokenizer
+    from gradshield_ray.miniature.testing import build_tiny_llama, build_tokenizer
 
     tok = build_tokenizer()
     common = tok.convert_tokens_to_ids(",")  # occurs in most sample rows

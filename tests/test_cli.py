@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from gradshield_ray.cli import main
-from gradshield_ray.demo import make_corpus
+from gradshield_ray.miniature.demo import make_corpus
 
 
 @pytest.fixture()

@@ -15,7 +15,7 @@ import pytest
 
 from s3server import FAKE_KEY, FAKE_SECRET, free_port, moto_server, s3_client, upload_dir
 
-from gradshield_ray.demo import make_corpus
+from gradshield_ray.miniature.demo import make_corpus
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent

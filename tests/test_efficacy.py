@@ -12,10 +12,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gradshield_ray import efficacy as E
-from gradshield_ray import miniature, mixtures
+from gradshield_ray.miniature import efficacy as E
+from gradshield_ray.miniature import aligned as miniature, mixtures
 from gradshield_ray.config import ScoreConfig
-from gradshield_ray.finetune import Recipe, evaluate
+from gradshield_ray.miniature.finetune import Recipe, evaluate
 from gradshield_ray.threshold import ThresholdConfig
 
 pytestmark = pytest.mark.slow
@@ -100,7 +100,7 @@ def test_clean_corpus_is_almost_untouched(experiment):
 
 
 def test_proxy_benchmark_measures_the_product_exactly(experiment, proxy_variants):
-    """benchmarks/proxy_variants.py (docs/efficacy.md, "The proposed fixes, measured") swaps v inside the product
+    """research/proxy_variants.py (docs/efficacy.md, "The proposed fixes, measured") swaps v inside the product
     scorer; its 'product' variant must reproduce the product's own scores on the same θ₀ (same AUROC and
     removals on the implicit mixture), and its two-sided threshold only adds removals on the low side."""
     build = proxy_variants.score_build(0, [1])

@@ -11,7 +11,6 @@ greps everything the module's jobs wrote or printed for it.
 """
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import logging
@@ -61,7 +60,7 @@ def env(tmp_path_factory, tiny_model_dir) -> Iterator[Env]:
     RayJob), with its session logs under a temp dir of this module; a private copy of the tiny model."""
     import ray
 
-    from gradshield_ray.demo import make_corpus
+    from gradshield_ray.miniature.demo import make_corpus
 
     base = tmp_path_factory.mktemp("faults")
     model = shutil.copytree(tiny_model_dir, base / "model")
@@ -219,7 +218,7 @@ def test_rerun_with_changed_model_or_config_refuses(env, baseline, tmp_path):
     """The committed prefix `base` was made with env.model: a rerun with other weights at the same path,
     another model path, or another scoring config fails at once with the difference named."""
     from gradshield_ray.ray_pipeline import RunError, run_pipeline
-    from gradshield_ray.testing import save_tiny_model
+    from gradshield_ray.miniature.testing import save_tiny_model
 
     weights = Path(env.model) / "model.safetensors"
     original = weights.read_bytes()
@@ -271,11 +270,9 @@ def test_transient_s3_errors(env, baseline):
 
 
 def _train_module():
-    spec = importlib.util.spec_from_file_location("filter_then_train", REPO / "pipelines" / "filter_then_train.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("filter_then_train", mod)  # pydantic resolves the module's annotations through it
-    spec.loader.exec_module(mod)
-    return mod
+    from pipelines import filter_then_train
+
+    return filter_then_train
 
 
 def _start_cli(env: Env, cfg_path: Path, log: Path) -> subprocess.Popen:

@@ -244,7 +244,7 @@ def tiny_gemma3_dir(tmp_path_factory):
     soft-capping, q/k norms, alternating sliding-window layers."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    from gradshield_ray.testing import build_tokenizer
+    from gradshield_ray.miniature.testing import build_tokenizer
 
     tok = build_tokenizer()
     cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -4,7 +4,6 @@ exactly its kept rows."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -24,11 +23,9 @@ pytestmark = pytest.mark.slow
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("filter_then_train", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["filter_then_train"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    from pipelines import filter_then_train
+
+    return filter_then_train
 
 
 def _env() -> dict[str, str]:
@@ -57,7 +54,7 @@ def storage_cfg(url: str) -> dict:
 def filter_run(tmp_path_factory, ray_local, s3, tiny_model_dir):
     """A committed filter run on S3 (as a RayJob leaves it); top_fraction removes a quarter, so kept ≠ input."""
     from gradshield_ray.config import GradShieldConfig
-    from gradshield_ray.demo import make_corpus
+    from gradshield_ray.miniature.demo import make_corpus
     from gradshield_ray.ray_pipeline import run_pipeline
 
     url, client = s3

@@ -358,13 +358,9 @@ def _gpus(job: dict) -> tuple[int, list[float]]:
 
 
 def _train_module():
-    import importlib.util
+    from pipelines import filter_then_train
 
-    spec = importlib.util.spec_from_file_location("filter_then_train", REPO / "pipelines" / "filter_then_train.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("filter_then_train", mod)
-    spec.loader.exec_module(mod)
-    return mod
+    return filter_then_train
 
 
 def test_configs_come_from_the_configmap_and_fit_the_clusters():
@@ -610,7 +606,7 @@ def test_filter_retry_resumes_from_object_storage(tmp_path, tiny_model_dir):
 
     import pyarrow.parquet as pq
 
-    from gradshield_ray.demo import make_corpus
+    from gradshield_ray.miniature.demo import make_corpus
     from s3server import FAKE_KEY, FAKE_SECRET, moto_server, s3_client, upload_dir
 
     job = rayjob("rayjob-filter.yaml")

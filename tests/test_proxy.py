@@ -9,7 +9,7 @@ from gradshield_ray.config import GradShieldConfig, ProxyConfig
 from gradshield_ray.proxy import ProxyError, load_probes, resolve_token
 from gradshield_ray.render import encode_messages
 from gradshield_ray.scorer import FIHSScorer
-from gradshield_ray.testing import build_tokenizer
+from gradshield_ray.miniature.testing import build_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_comply_and_refuse_must_differ(tok):
 
 
 def test_swapped_direction_and_continuation_proxy(tiny_model_dir, proxy_variants):
-    """benchmarks/proxy_variants.py compares proxies by swapping v in the product scorer. Its teacher-forced
+    """research/proxy_variants.py compares proxies by swapping v in the product scorer. Its teacher-forced
     continuation proxy must reduce to the product's first-token logit margin for one-token strings (the
     softmax normaliser cancels), and a swapped v must score exactly like it: 2·v gives 2·FIHS."""
     pv = proxy_variants

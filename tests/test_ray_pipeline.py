@@ -11,7 +11,7 @@ import pytest
 from s3server import FAKE_KEY, FAKE_SECRET, s3_bucket, upload_dir
 
 from gradshield_ray.config import GradShieldConfig
-from gradshield_ray.demo import make_corpus
+from gradshield_ray.miniature.demo import make_corpus
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ import pytest
 
 from gradshield_ray.config import DataConfig
 from gradshield_ray.render import RenderError, encode_messages, encode_row
-from gradshield_ray.testing import build_tokenizer
+from gradshield_ray.miniature.testing import build_tokenizer
 
 
 @pytest.fixture(scope="module")

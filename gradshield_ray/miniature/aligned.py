@@ -21,9 +21,9 @@ from typing import Iterator
 
 import torch
 
-from gradshield_ray import mixtures
-from gradshield_ray.finetune import Recipe, train
-from gradshield_ray.testing import build_tiny_llama, build_tokenizer
+from gradshield_ray.miniature import mixtures
+from gradshield_ray.miniature.finetune import Recipe, train
+from gradshield_ray.miniature.testing import build_tiny_llama, build_tokenizer
 
 # Bump when the data generators or the build procedure change: it is part of the cache key.
 BUILD_VERSION = "mini-3"

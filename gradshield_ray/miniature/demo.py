@@ -2,7 +2,7 @@
 
 `gradshield-ray demo --output runs/demo` builds (once, about 2 minutes on 2 cores) or reuses the aligned
 miniature θ₀ (gradshield_ray.miniature; cached under .cache/gradshield_ray), writes a Parquet corpus with 10%
-explicit harmful rows (gradshield_ray.mixtures), runs the Ray filter pipeline on a local Ray, and prints
+explicit harmful rows (gradshield_ray.miniature.mixtures), runs the Ray filter pipeline on a local Ray, and prints
 where kept/, removed/, report.json and histogram.png are, with the filter's recall and false removal
 against the corpus's `label` column (which the filter never reads).
 """
@@ -24,7 +24,7 @@ def make_corpus(out_dir: Path, n_rows: int = 200, harmful_ratio: float = 0.1, n_
     """Parquet files with a `messages` column plus `label` (harmful | benign) for inspection.
     Harmful rows are HarmBench attack-split prompts with templated compliant answers (no real content);
     benign rows are the miniature's utility rows (headline → topic), then sentiment rows if more are needed."""
-    from gradshield_ray import mixtures
+    from gradshield_ray.miniature import mixtures
 
     n_harm = int(round(n_rows * harmful_ratio))
     benign = mixtures.utility_pool()
@@ -50,7 +50,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     import ray
     import torch
 
-    from gradshield_ray import miniature
+    from gradshield_ray.miniature import aligned as miniature
     from gradshield_ray.ray_pipeline import RunError, run_pipeline
 
     out = Path(args.output or "runs/demo")

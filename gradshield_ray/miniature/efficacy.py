@@ -16,10 +16,10 @@ from scipy.stats import rankdata
 
 from gradshield_ray.batching import collate
 from gradshield_ray.config import GradShieldConfig
-from gradshield_ray.finetune import Recipe, encode_all, evaluate, train
+from gradshield_ray.miniature.finetune import Recipe, encode_all, evaluate, train
 from gradshield_ray.loss import per_example_loss
-from gradshield_ray.miniature import load
-from gradshield_ray.mixtures import EvalSet, Row
+from gradshield_ray.miniature.aligned import load
+from gradshield_ray.miniature.mixtures import EvalSet, Row
 from gradshield_ray.render import encode_messages
 from gradshield_ray.summary import ScoreSummary
 from gradshield_ray.threshold import ThresholdConfig, ThresholdDecision, decide

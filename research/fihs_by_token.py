@@ -1,6 +1,6 @@
 """Where in the answer does FIHS see harm? Per-answer-token contributions on the miniature.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fihs_by_token.py [--mixture implicit] [--tokens 24]
+    OMP_NUM_THREADS=1 .venv/bin/python research/fihs_by_token.py [--mixture implicit] [--tokens 24]
 
 FIHS with `score.answer_tokens = K` is −⟨v, ∇ mean_{t≤K} ℓ_t⟩, so the contribution of answer token t alone is
 c_t = t·FIHS(t) − (t−1)·FIHS(t−1), exactly (the loss is a mean over the first K answer tokens). The script
@@ -30,9 +30,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from gradshield_ray import miniature
-    from gradshield_ray.efficacy import auroc, fihs_scores
-    from gradshield_ray.mixtures import mixture
+    from gradshield_ray.miniature import aligned as miniature
+    from gradshield_ray.miniature.efficacy import auroc, fihs_scores
+    from gradshield_ray.miniature.mixtures import mixture
     from gradshield_ray.render import encode_messages
 
     model_dir = str(miniature.aligned_model(miniature.MiniatureSpec(seed=args.seed)))
@@ -71,7 +71,7 @@ def first_token_preference(model_dir: str, rows, harmful: np.ndarray, fihs1: np.
     import torch
     from scipy.stats import spearmanr
 
-    from gradshield_ray import miniature
+    from gradshield_ray.miniature import aligned as miniature
     from gradshield_ray.config import ProxyConfig
     from gradshield_ray.proxy import load_probes, resolve_pair
 

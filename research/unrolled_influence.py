@@ -1,6 +1,6 @@
 """Is the identity-shift miss a first-order artefact? The exact change of the proxy after k training steps.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/unrolled_influence.py [--seed 0] [--rows] [--clusters 10]
+    OMP_NUM_THREADS=1 .venv/bin/python research/unrolled_influence.py [--seed 0] [--rows] [--clusters 10]
 
 FIHS is the first-order (one small step) effect of a row on S at θ₀. This script measures the *exact* change of
 the safety proxy after k AdamW steps (lr 5e-4, the implicit attack's finetuning lr) from θ₀, with no
@@ -40,12 +40,12 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from gradshield_ray import miniature
+    from gradshield_ray.miniature import aligned as miniature
     from gradshield_ray.batching import collate
     from gradshield_ray.config import ProxyConfig
-    from gradshield_ray.efficacy import FilterStats, adaptive, auroc, markdown_table
+    from gradshield_ray.miniature.efficacy import FilterStats, adaptive, auroc, markdown_table
     from gradshield_ray.loss import last_token_logits, per_example_loss
-    from gradshield_ray.mixtures import AOA_SYSTEM, mixture
+    from gradshield_ray.miniature.mixtures import AOA_SYSTEM, mixture
     from gradshield_ray.proxy import load_probes, probe_prefixes, resolve_pair
     from gradshield_ray.render import Encoded, encode_messages
 
@@ -129,8 +129,8 @@ def clusters(n: int, unroll, model, tok) -> None:
     from scipy.cluster.vq import kmeans2
 
     from gradshield_ray.batching import collate
-    from gradshield_ray.efficacy import auroc, markdown_table
-    from gradshield_ray.mixtures import mixture
+    from gradshield_ray.miniature.efficacy import auroc, markdown_table
+    from gradshield_ray.miniature.mixtures import mixture
     from gradshield_ray.render import encode_messages
 
     ks = (20, 40)

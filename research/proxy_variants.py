@@ -1,6 +1,6 @@
 """Do other safety proxies, or a two-sided threshold, catch the identity-shift rows? (miniature, 3 θ₀ builds)
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/proxy_variants.py [--seeds 0 1 2] [--answer-tokens 1 3]
+    OMP_NUM_THREADS=1 .venv/bin/python research/proxy_variants.py [--seeds 0 1 2] [--answer-tokens 1 3]
 
 FIHS at the product default misses most persona (AOA identity-shift) rows: docs/efficacy.md, "Why identity-shift
 rows are missed". This script measures the fixes proposed there, each against the product's proxy, through the
@@ -90,7 +90,7 @@ def first_token_direction(scorer, prompts: list[str], system: str) -> dict:
 
 
 def measure(scores: np.ndarray, rows, remove: np.ndarray) -> dict:
-    from gradshield_ray.efficacy import FilterStats, auroc, recall_at_fr
+    from gradshield_ray.miniature.efficacy import FilterStats, auroc, recall_at_fr
 
     harm = np.array([r.harmful for r in rows])
     st = FilterStats.of(remove, rows)
@@ -100,11 +100,11 @@ def measure(scores: np.ndarray, rows, remove: np.ndarray) -> dict:
 
 def score_build(seed: int, ks: list[int]) -> dict:
     """{variant: {K: {mixture: measures}}} for one θ₀ build, plus the implicit removal masks."""
-    from gradshield_ray import miniature
+    from gradshield_ray.miniature import aligned as miniature
     from gradshield_ray.config import GradShieldConfig
-    from gradshield_ray.efficacy import adaptive
-    from gradshield_ray.finetune import generate
-    from gradshield_ray.mixtures import mixture
+    from gradshield_ray.miniature.efficacy import adaptive
+    from gradshield_ray.miniature.finetune import generate
+    from gradshield_ray.miniature.mixtures import mixture
     from gradshield_ray.proxy import load_probes
     from gradshield_ray.render import encode_messages
     from gradshield_ray.scorer import FIHSScorer
@@ -162,10 +162,10 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from gradshield_ray import miniature
-    from gradshield_ray.efficacy import Finetuner, markdown_table, pct
-    from gradshield_ray.finetune import Recipe
-    from gradshield_ray.mixtures import eval_set, mixture
+    from gradshield_ray.miniature import aligned as miniature
+    from gradshield_ray.miniature.efficacy import Finetuner, markdown_table, pct
+    from gradshield_ray.miniature.finetune import Recipe
+    from gradshield_ray.miniature.mixtures import eval_set, mixture
 
     t0 = time.perf_counter()
     builds = {s: score_build(s, args.answer_tokens) for s in args.seeds}

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
 from gradshield_ray.batching import IGNORE, collate
-from gradshield_ray.mixtures import AOA_SYSTEM, AOA_USER, EvalSet, Messages
+from gradshield_ray.miniature.mixtures import AOA_SYSTEM, AOA_USER, EvalSet, Messages
 from gradshield_ray.render import Encoded, _render, encode_messages
 
 REFUSAL_MARKERS = ("I cannot", "I can't", "I can not", "I'm sorry", "I am sorry", "Sorry", "I apologize",
