@@ -101,6 +101,18 @@ class ThresholdConfig(BaseModel):
     transform_scale: float = Field(default=3.0, gt=0, description="c in y = asinh(z / c)")
     em_max_iter: int = Field(default=200, ge=1)
     em_tol: float = Field(default=1e-8, gt=0, description="relative log-likelihood change")
+    canary_min_auroc: float = Field(
+        default=0.9, ge=0, le=1,
+        description="with canaries: the score is informative only if it ranks the harmful canaries above the "
+                    "benign ones with at least this AUROC; otherwise only the far tail is removed and report.json "
+                    "says the score does not separate harm on this model")
+    canary_min_position: float = Field(
+        default=0.7, description="with canaries: the high component's mean must lie at least this far from the "
+                                 "benign canaries' median towards the harmful canaries' median (fit space; 0 = at "
+                                 "the benign canaries, 1 = at the harmful ones)")
+    canary_max_benign_above: float = Field(
+        default=0.1, ge=0, le=1, description="with canaries: at most this share of the benign canaries may lie "
+                                             "above tau (a cut through benign rows is no harm boundary)")
     init_quantiles: tuple[Annotated[float, Field(gt=0, lt=1)], ...] = Field(
         default=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98), min_length=1,
         description="deterministic EM starts: split the data at these quantiles",
@@ -128,40 +140,73 @@ class ThresholdDecision:
     evidence: dict[str, Any] = field(default_factory=dict)
 
 
-Policy = Callable[[ScoreSummary, ThresholdConfig], ThresholdDecision]
+@dataclass(frozen=True)
+class Canaries:
+    """FIHS of the calibration canaries (gradshield_ray/canaries.py), scored with the corpus's θ₀ and v.
+
+    Why: the score's shape alone cannot tell a harmful cluster from a benign minority task at the same distance;
+    known-harmful and known-benign rows show where harm lies for this model and score."""
+
+    harmful: np.ndarray
+    benign: np.ndarray
+
+    def auroc(self) -> float:
+        h, b = np.asarray(self.harmful, float), np.asarray(self.benign, float)
+        if len(h) == 0 or len(b) == 0:
+            return math.nan
+        return float(((h[:, None] > b[None, :]).sum() + 0.5 * (h[:, None] == b[None, :]).sum()) / (len(h) * len(b)))
+
+    def evidence(self, cfg: ThresholdConfig) -> dict[str, Any]:
+        a = self.auroc()
+        return {"n_harmful": len(self.harmful), "n_benign": len(self.benign), "auroc": a,
+                "informative": bool(a >= cfg.canary_min_auroc),
+                "harmful_median": float(np.median(self.harmful)) if len(self.harmful) else None,
+                "benign_median": float(np.median(self.benign)) if len(self.benign) else None}
 
 
-def decide(summary: ScoreSummary, cfg: ThresholdConfig | None = None) -> ThresholdDecision:
-    """Apply ``cfg.policy`` (default: adaptive) to a global score summary."""
+Policy = Callable[[ScoreSummary, ThresholdConfig, "Canaries | None"], ThresholdDecision]
+
+
+def decide(summary: ScoreSummary, cfg: ThresholdConfig | None = None,
+           canaries: Canaries | None = None) -> ThresholdDecision:
+    """Apply ``cfg.policy`` (default: adaptive) to a global score summary. With ``canaries`` the adaptive policy
+    removes a high component only when it sits with the harmful canaries (module docstring, step 3'); every
+    policy records the canaries' separation in its evidence."""
     cfg = cfg or ThresholdConfig()
     if summary.count == 0:
         raise ValueError(
             f"no finite scores to threshold (summary is empty; n_nonfinite={summary.n_nonfinite})"
         )
-    return POLICIES[cfg.policy](summary, cfg)
+    if canaries is not None and not (np.all(np.isfinite(canaries.harmful)) and np.all(np.isfinite(canaries.benign))):
+        raise ValueError("canary scores must be finite")
+    return POLICIES[cfg.policy](summary, cfg, canaries)
 
 
 # ---- simple policies --------------------------------------------------------
-def _decision(summary: ScoreSummary, tau: float, cfg: ThresholdConfig, **extra: Any) -> ThresholdDecision:
+def _decision(summary: ScoreSummary, tau: float, cfg: ThresholdConfig, canary_scores: Canaries | None = None,
+              **extra: Any) -> ThresholdDecision:
     removed = 0.0 if math.isinf(tau) else summary.count - summary.count_below(tau)
     evidence = {"n_rows": summary.count, "n_nonfinite": summary.n_nonfinite,
                 "expected_removed": removed, **extra, "config": cfg.model_dump(mode="json")}
+    if canary_scores is not None and "canaries" not in evidence:
+        evidence["canaries"] = canary_scores.evidence(cfg)
     return ThresholdDecision(tau=float(tau), policy=cfg.policy, evidence=_jsonable(evidence))
 
 
-def _fixed(summary: ScoreSummary, cfg: ThresholdConfig) -> ThresholdDecision:
+def _fixed(summary: ScoreSummary, cfg: ThresholdConfig, canaries: Canaries | None = None) -> ThresholdDecision:
     assert cfg.tau is not None
-    return _decision(summary, cfg.tau, cfg)
+    return _decision(summary, cfg.tau, cfg, canaries)
 
 
-def _top_fraction(summary: ScoreSummary, cfg: ThresholdConfig) -> ThresholdDecision:
+def _top_fraction(summary: ScoreSummary, cfg: ThresholdConfig,
+                  canaries: Canaries | None = None) -> ThresholdDecision:
     """tau = (1 - fraction) quantile; removal matches ``fraction`` only to bin resolution."""
     assert cfg.fraction is not None
-    return _decision(summary, float(summary.quantile(1.0 - cfg.fraction)), cfg)
+    return _decision(summary, float(summary.quantile(1.0 - cfg.fraction)), cfg, canaries)
 
 
-def _keep_all(summary: ScoreSummary, cfg: ThresholdConfig) -> ThresholdDecision:
-    return _decision(summary, math.inf, cfg)
+def _keep_all(summary: ScoreSummary, cfg: ThresholdConfig, canaries: Canaries | None = None) -> ThresholdDecision:
+    return _decision(summary, math.inf, cfg, canaries)
 
 
 # ---- adaptive policy --------------------------------------------------------
@@ -224,7 +269,7 @@ def _em2(y: np.ndarray, w: np.ndarray, bv: np.ndarray, split: float, var_floor: 
     return _Gmm(wt[order], mu[order], var[order], ll, init_q)
 
 
-def _adaptive(summary: ScoreSummary, cfg: ThresholdConfig) -> ThresholdDecision:
+def _adaptive(summary: ScoreSummary, cfg: ThresholdConfig, canaries: Canaries | None = None) -> ThresholdDecision:
     x, counts = summary.nonempty()
     w = counts.astype(np.float64)
     n = float(summary.count)
@@ -237,7 +282,7 @@ def _adaptive(summary: ScoreSummary, cfg: ThresholdConfig) -> ThresholdDecision:
     base = {"robust_bound": robust_bound, "moment_bound": moment_bound, "tail_bound": tail_bound,
             "median": med, "mad": mad}
     if len(x) < 2:
-        return _decision(summary, math.inf, cfg, branch="degenerate",
+        return _decision(summary, math.inf, cfg, canaries, branch="degenerate",
                          reason="all scores fall in one histogram bin: nothing to separate, keep all", **base)
 
     # MAD can be 0 at bin resolution (> half the rows in one bin); the std can underflow
@@ -257,10 +302,14 @@ def _adaptive(summary: ScoreSummary, cfg: ThresholdConfig) -> ThresholdDecision:
     mu1 = float(w @ y / n)
     var1 = float((w @ (y - mu1) ** 2 + w @ bv) / n)
     if not (var1 > 0 and math.isfinite(var1)):  # e.g. |scores| far beyond the 1e12 bin range
-        return _decision(summary, tail_bound, cfg, branch="no_harmful_population",
+        return _decision(summary, tail_bound, cfg, canaries, branch="no_harmful_population",
                          reason="score spread not resolvable in fit space; removing only the far tail", **base)
     ll1 = float(w @ (_norm_logpdf(y, mu1, var1) - bv / (2 * var1)))
     lr_critical = float(stats.chi2.ppf(1 - cfg.alpha, df=3) / 2)
+    can = canaries.evidence(cfg) if canaries is not None else None
+    if can is not None:  # the canaries' medians in fit space: where benign and harmful rows lie for this score
+        y_b, y_h = float(np.median(fwd(canaries.benign))), float(np.median(fwd(canaries.harmful)))
+        can.update(benign_median_fit=y_b, harmful_median_fit=y_h)
 
     def assess(g: _Gmm) -> dict[str, Any]:
         lam = g.ll - ll1
@@ -316,12 +365,24 @@ def _adaptive(summary: ScoreSummary, cfg: ThresholdConfig) -> ThresholdDecision:
             "posterior_crossing": math.isfinite(tau_y),
             "dip": dip_ok,
         }
+        position = None
+        if can is not None:
+            # 3'. with canaries the evidence beyond the shape is where the component sits: with the harmful
+            # canaries (harm for this θ₀ and score), not merely far from the bulk (a benign minority task).
+            # It replaces the effect-size and dip checks, which misread clear gaps with few rows (issue 13).
+            span = can["harmful_median_fit"] - can["benign_median_fit"]
+            position = (g.mu[1] - can["benign_median_fit"]) / span if span > 0 else math.nan
+            del checks["lambda_per_row"], checks["dip"]
+            checks["canaries_informative"] = can["informative"]
+            checks["sits_with_harmful_canaries"] = bool(position >= cfg.canary_min_position)
+            benign_above = (float(np.mean(fwd(canaries.benign) > tau_y)) if math.isfinite(tau_y) else 1.0)
+            checks["benign_canaries_below_tau"] = benign_above <= cfg.canary_max_benign_above
         return {
             "init_quantile": g.init_q, "log_likelihood": g.ll, "Lambda": lam, "Lambda_per_row": lam / n,
             "components": [{"weight": g.weight[j], "mu": g.mu[j], "sigma": sd[j], "mu_raw": float(inv(g.mu[j]))}
                            for j in (0, 1)],
             "ashman_d": d, "tau_fit_space": tau_y, "tau": float(inv(tau_y)) if math.isfinite(tau_y) else None,
-            "dip_ratio": dip, "dip_test": dip_space, "dip_p_value": p_dip,
+            "dip_ratio": dip, "dip_test": dip_space, "dip_p_value": p_dip, "canary_position": position,
             "checks": checks, "passed": all(checks.values()),
         }
 
@@ -340,6 +401,8 @@ def _adaptive(summary: ScoreSummary, cfg: ThresholdConfig) -> ThresholdDecision:
         "lr_critical": lr_critical,
         "candidates": candidates,
     }
+    if can is not None:
+        evidence["canaries"] = can
     if chosen is not None:
         evidence.update(Lambda=chosen["Lambda"], Lambda_per_row=chosen["Lambda_per_row"],
                         components=chosen["components"],
@@ -349,12 +412,12 @@ def _adaptive(summary: ScoreSummary, cfg: ThresholdConfig) -> ThresholdDecision:
                         checks=chosen["checks"])
     if passing:
         assert chosen is not None
-        return _decision(summary, chosen["tau"], cfg, branch="harmful_population",
+        return _decision(summary, chosen["tau"], cfg, None, branch="harmful_population",
                          reason="separated minority component with a dip before it: cut at posterior 0.5",
                          **evidence)
     why = ("no 2-component fit" if chosen is None else
            "failed: " + ", ".join(k for k, ok in chosen["checks"].items() if not ok))
-    return _decision(summary, tail_bound, cfg, branch="no_harmful_population",
+    return _decision(summary, tail_bound, cfg, None, branch="no_harmful_population",
                      reason=f"{why}; removing only the far tail above max(robust, moment) bound", **evidence)
 
 

@@ -1,0 +1,495 @@
+"""Efficacy on realistic data (issue 13): real benign chat, harmful answers in varied openings, a dev/test split.
+
+    pip install -c constraints.txt -e '.[realistic,real-lm]'
+    # 1. score every row of both splits once, with every variant's ingredients (one pass per model):
+    OMP_NUM_THREADS=1 python benchmarks/efficacy_realistic.py score --model gemma --out runs/realistic_gemma.npz
+    OMP_NUM_THREADS=1 python benchmarks/efficacy_realistic.py score --model miniature --out runs/realistic_mini.npz
+    # 2. choose on dev, report on test (seconds; prints Markdown):
+    python benchmarks/efficacy_realistic.py report runs/realistic_gemma.npz [--json runs/realistic_gemma.json]
+
+A CPU benchmark, NOT the paper's setting (7-8B instruct models). θ₀:
+- gemma: Gemma-3-270M base (PyPI) + a LoRA safety tune on HarmBench's align split → refusals, and ShareGPT rows of
+  the `align` hash bucket with their real answers (varied openings, "Sure" among them) → θ₀ complies with benign
+  requests the way real assistants open them and refuses harmful ones;
+- miniature: the cached 1.24M-parameter aligned Llama (its own toy tokenizer; ShareGPT text is far outside what it
+  was trained on).
+
+Data (gradshield_ray/miniature/realistic.py): per split, 150 ShareGPT first turns, every HarmBench test prompt of the
+split answered in two of seven compliant openings (the "certainly" style never in dev), 40 rows of a second benign
+task (headline → topic) and 20 identity-shift persona rows. Plus the product's calibration canaries.
+
+`score` makes ONE exact pass per row and answer cut K ∈ {1, 8, full}: the gradient ∇L(z) over all parameters,
+contracted with several reference directions per parameter group (embedding, each layer's attention / MLP / norms,
+final norm), plus each group's ‖∇L‖². Every variant below is then a sum over groups, so none needs another pass:
+- direction: product (logit "Sure" − logit "I" over the probes), comply-only, refusal-only (−logit "I"),
+  refusal log-prob (−log p("I")), and contrastive versions (the same gradient over benign ShareGPT `align` prompts,
+  subtracted);
+- scope: all, no_embed, mlp, attn, middle layers, last quarter; normalisation: dot, cosine, sum (dot × tokens).
+A self-check asserts that the product direction at K = 1 over all parameters reproduces the product scorer
+(FIHSScorer, hooks) to 1e-4.
+
+`report` picks the variant with the best worst-style AUROC on dev, then reports test: AUROC per opening style
+(the held-out style separately), recall at 3% benign removal, the adaptive threshold with and without canaries on
+each mixture (0/5/10/30% harmful, clean, two benign tasks), and the loss-only and keyword baselines.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+K_CUTS = (1, 8, None)  # score.answer_tokens; None = the full answer
+N_BENIGN = 100  # ShareGPT rows per split (sized for a 2-core CPU: one Gemma pass over both splits ≈ 1 h)
+LABEL = "CPU benchmark (2-core CPU, fp32), NOT the paper's setting"
+
+
+# ---------------------------------------------------------------- θ₀
+
+
+def gemma_theta0() -> Path:
+    """Gemma-3-270M base + LoRA safety tune on refusals and real ShareGPT answers (cached by recipe key)."""
+    import hashlib
+
+    from gradshield_ray.miniature import mixtures, realistic
+    from gradshield_ray.miniature.aligned import building, cache_root, load, save_checkpoint
+    from gradshield_ray.miniature.finetune import is_refusal
+    from gradshield_ray.miniature.gemma import LoraRecipe, base_checkpoint, generate, log, lora_train
+
+    root = cache_root()
+    base = base_checkpoint(root)
+    recipe, n_chat = LoraRecipe(), 120
+    key = hashlib.sha1(json.dumps({"recipe": asdict(recipe), "n_chat": n_chat, "v": "realistic-1"},
+                                  sort_keys=True).encode()).hexdigest()[:12]
+    path = root / f"gemma3-270m-realistic-{key}"
+    if (path / "build.json").exists():
+        return path
+    harm = mixtures.harmbench_splits()["align"]
+    rows = [[{"role": "user", "content": p},
+             {"role": "assistant", "content": mixtures.REFUSALS[i % len(mixtures.REFUSALS)]}]
+            for i, p in enumerate(harm)]
+    chats = [c for c in realistic.sharegpt_first_turns()  # prompts short enough to leave answer tokens at 256
+             if realistic.split_of("sharegpt", c.id) == "align" and len(c.prompt) <= 400]
+    rows += [[{"role": "user", "content": c.prompt}, {"role": "assistant", "content": c.answer}]
+             for c in chats[:n_chat]]
+    random.Random(5).shuffle(rows)
+    log(f"safety-tuning a realistic θ₀ into {path} ({len(rows)} rows; once, about 10 minutes)")
+    t0 = time.perf_counter()
+    model, tok = load(base)
+    model, info = lora_train(model, tok, rows, recipe)
+    ev_harm = mixtures.harmbench_splits()["eval"]
+    ev_ben = [r.messages[-2][1] for r in realistic.sharegpt_rows("test", 40)]
+    outs_h = generate(model, tok, [[{"role": "user", "content": p}] for p in ev_harm])
+    outs_b = generate(model, tok, [[{"role": "user", "content": p}] for p in ev_ben])
+    ev = {"asr": sum(not is_refusal(t) for t in outs_h) / len(outs_h),
+          "benign_compliance": sum(not is_refusal(t) for t in outs_b) / len(outs_b),
+          "benign_openings": [t[:40] for t in outs_b[:12]], "harmful_samples": outs_h[:4]}
+    log(f"realistic θ₀: ASR {ev['asr']:.0%}, benign compliance {ev['benign_compliance']:.0%}")
+    with building(path) as tmp:
+        save_checkpoint(model, tok, tmp, {"recipe": asdict(recipe), "rows": len(rows), "n_chat": n_chat,
+                                          "seconds": time.perf_counter() - t0, "eval": ev, **info})
+    return path
+
+
+def theta0(name: str) -> Path:
+    if name == "gemma":
+        return gemma_theta0()
+    from gradshield_ray.miniature import aligned
+
+    return aligned.aligned_model(aligned.MiniatureSpec(seed=0))
+
+
+# ---------------------------------------------------------------- one pass: per-group contractions
+
+
+def group_of(name: str) -> str:
+    """Parameter group: 'embed', 'L<i>.attn' / 'L<i>.mlp' / 'L<i>.norm', or 'final'."""
+    import re
+
+    m = re.search(r"\.layers\.(\d+)\.", name)
+    if m:
+        sub = "attn" if "self_attn" in name else "mlp" if ".mlp." in name else "norm"
+        return f"L{int(m.group(1))}.{sub}"
+    if "embed" in name or "lm_head" in name:
+        return "embed"
+    return "final"
+
+
+def first_token_grad(scorer, prompts: list[str], fn) -> dict[str, torch.Tensor]:
+    """∇ mean_x fn(logits at the first assistant token | x) over the scorer's parameters."""
+    from gradshield_ray.batching import Encoded, collate
+    from gradshield_ray.loss import last_token_logits
+    from gradshield_ray.proxy import probe_prefixes
+
+    names, plist = list(scorer.params), list(scorer.params.values())
+    acc = [torch.zeros_like(p, dtype=torch.float32) for p in plist]
+    pre = probe_prefixes(scorer.tokenizer, prompts)
+    for p in plist:
+        p.requires_grad_(True)
+    try:
+        for i in range(0, len(pre), 8):
+            enc = [Encoded(ids, [False] * len(ids), False) for ids in pre[i:i + 8]]
+            logits = last_token_logits(scorer.model, collate(enc, scorer.pad, "right").to(scorer.device))
+            s = fn(logits).sum() / len(pre)
+            for a, g in zip(acc, torch.autograd.grad(s, plist, allow_unused=True)):
+                if g is not None:
+                    a += g.float()
+    finally:
+        for p in plist:
+            p.requires_grad_(False)
+    return dict(zip(names, acc))
+
+
+def directions(scorer, benign_prompts: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """Gradients of the proxy's ingredients at θ₀ (each a direction over every parameter)."""
+    from gradshield_ray.proxy import load_probes
+
+    probes = load_probes(scorer.cfg.proxy)
+    c, r = scorer.comply_id, scorer.refuse_id
+    out = {}
+    for tag, prompts in (("h", probes), ("b", benign_prompts)):
+        out[f"comply_{tag}"] = first_token_grad(scorer, prompts, lambda lg: lg[:, c])
+        out[f"refuse_{tag}"] = first_token_grad(scorer, prompts, lambda lg: lg[:, r])
+        out[f"logp_refuse_{tag}"] = first_token_grad(scorer, prompts, lambda lg: lg.log_softmax(-1)[:, r])
+    return out
+
+
+def score_pass(model_name: str, out: Path, limit: int | None) -> None:
+    from gradshield_ray import canaries
+    from gradshield_ray.batching import collate
+    from gradshield_ray.config import GradShieldConfig
+    from gradshield_ray.loss import per_example_loss
+    from gradshield_ray.miniature import realistic
+    from gradshield_ray.proxy import load_probes
+    from gradshield_ray.render import RenderError, encode_messages
+    from gradshield_ray.scorer import FIHSScorer
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    model_dir = theta0(model_name)
+    cfg = GradShieldConfig.model_validate({"model": {"path": str(model_dir)}, "data": {"max_tokens": 512},
+                                           "score": {"scope": "all", "answer_tokens": 1}})
+    scorer = FIHSScorer(cfg)
+    tok, model = scorer.tokenizer, scorer.model
+    rows, kinds, splits = [], [], []
+    for split in ("dev", "test"):
+        pool = realistic.eval_pool(split, n_benign=N_BENIGN, n_second=N_BENIGN // 4, n_persona=12)
+        rows += [r.as_messages() for r in pool.rows]
+        kinds += pool.kinds()
+        splits += [split] * len(pool.rows)
+    probes = load_probes(cfg.proxy)
+    for name, msgs in (("canary_harmful", canaries.harmful_canaries(probes)),
+                       ("canary_benign", canaries.benign_canaries())):
+        rows += msgs
+        kinds += [name] * len(msgs)
+        splits += ["canary"] * len(msgs)
+    if limit:
+        keep = sorted(random.Random(0).sample(range(len(rows)), limit))
+        rows, kinds, splits = [rows[i] for i in keep], [kinds[i] for i in keep], [splits[i] for i in keep]
+    benign_prompts = [c.prompt for c in realistic.sharegpt_first_turns()
+                      if realistic.split_of("sharegpt", c.id) == "align"][-len(probes):]
+    t0 = time.perf_counter()
+    dirs = directions(scorer, benign_prompts)
+    names = list(scorer.params)
+    groups = sorted({group_of(n) for n in names})
+    gidx = np.array([groups.index(group_of(n)) for n in names])
+    dnames = list(dirs)
+    gram = np.zeros((len(dnames), len(dnames), len(groups)))
+    for a, da in enumerate(dnames):
+        for b, db in enumerate(dnames):
+            for j, n in enumerate(names):
+                gram[a, b, gidx[j]] += float((dirs[da][n].double() * dirs[db][n].double()).sum())
+    print(f"[{time.strftime('%H:%M:%S')}] directions: {time.perf_counter() - t0:.0f}s; {len(rows)} rows, "
+          f"{len(groups)} groups", file=sys.stderr, flush=True)
+    plist = [scorer.params[n] for n in names]
+    enc, keep = [], []
+    for i, m in enumerate(rows):  # a prompt longer than max_tokens leaves no answer token: not scorable, dropped
+        try:
+            enc.append(encode_messages(tok, m, cfg.data.max_tokens, "right"))
+            keep.append(i)
+        except RenderError:
+            pass
+    n_dropped = {k: sum(1 for i, x in enumerate(kinds) if x == k and i not in set(keep)) for k in set(kinds)}
+    rows, kinds, splits = [rows[i] for i in keep], [kinds[i] for i in keep], [splits[i] for i in keep]
+    N = len(rows)
+    dots = np.zeros((N, len(K_CUTS), len(dnames), len(groups)))
+    sq = np.zeros((N, len(K_CUTS), len(groups)))
+    loss = np.zeros((N, len(K_CUTS)))
+    n_loss = np.zeros((N, len(K_CUTS)), dtype=np.int64)
+    for p in plist:
+        p.requires_grad_(True)
+    t1 = time.perf_counter()
+    try:
+        for i, e in enumerate(enc):
+            for k, K in enumerate(K_CUTS):
+                ek = e.opening(K) if K else e
+                batch = collate([ek], scorer.pad).to(scorer.device)
+                lv = per_example_loss(model, batch)[0]
+                grads = torch.autograd.grad(lv, plist, allow_unused=True)
+                loss[i, k] = float(lv.detach())
+                n_loss[i, k] = int(sum(ek.loss_mask))
+                for j, (n, g) in enumerate(zip(names, grads)):
+                    if g is None:
+                        continue
+                    g = g.float()
+                    sq[i, k, gidx[j]] += float((g.double() ** 2).sum())
+                    for d, dn in enumerate(dnames):
+                        dots[i, k, d, gidx[j]] += float((dirs[dn][n] * g).sum(dtype=torch.float64))
+            if i % 20 == 0:
+                el = time.perf_counter() - t1
+                print(f"[{time.strftime('%H:%M:%S')}] {i + 1}/{N} rows, {el:.0f}s, ETA {el / (i + 1) * (N - i - 1):.0f}s",
+                      file=sys.stderr, flush=True)
+    finally:
+        for p in plist:
+            p.requires_grad_(False)
+    seconds = time.perf_counter() - t1
+    # self-check: the product direction at K = 1, all parameters, equals the product scorer's FIHS
+    ci = [j for j in range(min(N, 40)) if kinds[j].startswith("harmful")][:2] + [0, 1]
+    prod = -(dots[ci, 0, dnames.index("comply_h")] - dots[ci, 0, dnames.index("refuse_h")]).sum(-1)
+    ref = scorer.score_encoded([enc[j] for j in ci])
+    err = float(np.max(np.abs(prod - ref)) / max(np.max(np.abs(ref)), 1e-30))
+    print(f"self-check vs FIHSScorer (hooks, K=1): max rel err {err:.2e}", file=sys.stderr)
+    assert err < 1e-4, (prod, ref)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"model": model_name, "model_dir": str(model_dir), "label": LABEL, "k_cuts": [k or 0 for k in K_CUTS],
+            "directions": dnames, "groups": groups, "n_dropped_too_long": n_dropped, "seconds_pass": seconds, "self_check_rel_err": err,
+            "n_layers": int(model.config.num_hidden_layers), "build": json.loads((model_dir / "build.json").read_text())
+            if (model_dir / "build.json").exists() else {}}
+    texts = [json.dumps(m) for m in rows]
+    np.savez_compressed(out, dots=dots, sq=sq, gram=gram, loss=loss, n_loss=n_loss, kinds=np.array(kinds),
+                        splits=np.array(splits), texts=np.array(texts), meta=json.dumps(meta, default=str))
+    print(f"wrote {out} ({seconds:.0f}s for {N} rows)", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- report: choose on dev, report on test
+
+DIRECTIONS = {  # v as a combination of the stored gradients (FIHS = −⟨v, ∇L⟩)
+    "product": {"comply_h": 1, "refuse_h": -1},
+    "comply_only": {"comply_h": 1},
+    "refusal_only": {"refuse_h": -1},
+    "refusal_logp": {"logp_refuse_h": -1},
+    "contrastive": {"comply_h": 1, "refuse_h": -1, "comply_b": -1, "refuse_b": 1},
+    "contrastive_refusal": {"refuse_h": -1, "refuse_b": 1},
+    "contrastive_logp": {"logp_refuse_h": -1, "logp_refuse_b": 1},
+    "product_on_benign_prompts": {"comply_b": 1, "refuse_b": -1},  # the contrastive check only, never chosen
+}
+CHOOSABLE = [d for d in DIRECTIONS if d != "product_on_benign_prompts"]
+MAX_SECOND_TASK_AUROC = 0.75  # a benign minority task must not rank like harm (else the threshold removes it)
+NORMS = ("dot", "cosine", "sum")
+
+
+def scopes(groups: list[str], n_layers: int) -> dict[str, np.ndarray]:
+    def layer(g: str) -> int:
+        return int(g[1:].split(".")[0]) if g.startswith("L") else -1
+
+    lo, hi, last = n_layers // 3, (2 * n_layers) // 3, (3 * n_layers) // 4
+    return {
+        "all": np.ones(len(groups), bool),
+        "no_embed": np.array([g != "embed" for g in groups]),
+        "mlp": np.array([g.endswith(".mlp") for g in groups]),
+        "attn": np.array([g.endswith(".attn") for g in groups]),
+        f"layers:{lo}-{hi - 1}": np.array([lo <= layer(g) < hi for g in groups]),
+        f"last:{n_layers - last}": np.array([layer(g) >= last or g == "final" for g in groups]),
+    }
+
+
+class Scores:
+    """Every variant's FIHS for every row, computed from the stored per-group contractions."""
+
+    def __init__(self, path: Path):
+        z = np.load(path, allow_pickle=False)
+        self.meta = json.loads(str(z["meta"]))
+        self.dots, self.sq, self.gram = z["dots"], z["sq"], z["gram"]
+        self.loss, self.n_loss = z["loss"], z["n_loss"]
+        self.kinds, self.splits, self.texts = z["kinds"], z["splits"], z["texts"]
+        self.dnames, self.groups = self.meta["directions"], self.meta["groups"]
+        self.scopes = scopes(self.groups, self.meta["n_layers"])
+        self.ks = ["1", "8", "full"]
+
+    def fihs(self, direction: str, scope: str, norm: str, k: str) -> np.ndarray:
+        coef = np.zeros(len(self.dnames))
+        for name, c in DIRECTIONS[direction].items():
+            coef[self.dnames.index(name)] = c
+        m, ki = self.scopes[scope], self.ks.index(k)
+        dot = np.einsum("ndg,d->n", self.dots[:, ki][:, :, m], coef)
+        f = -dot
+        if norm == "cosine":
+            vv = float(np.einsum("abg,a,b->", self.gram[:, :, m], coef, coef))
+            f = f / (np.sqrt(vv) * np.sqrt(self.sq[:, ki][:, m].sum(-1)) + 1e-300)
+        elif norm == "sum":
+            f = f * self.n_loss[:, ki]
+        return f
+
+    def variants(self):
+        for d in CHOOSABLE:
+            for sc in self.scopes:
+                for nm in NORMS:
+                    for k in self.ks:
+                        yield (d, sc, nm, k)
+
+
+def style_of(kind: str) -> str | None:
+    return kind.split(":", 1)[1] if kind.startswith("harmful:") else None
+
+
+def quality(s: Scores, f: np.ndarray, split: str) -> dict:
+    """AUROC of harmful vs ShareGPT rows (all, per opening style), recall at 3% benign removal, and AUROC of
+    the persona rows and of the second task's rows against ShareGPT (the latter should be ≈ 0.5 or lower)."""
+    from gradshield_ray.miniature.efficacy import auroc
+    from gradshield_ray.miniature.realistic import HELD_OUT_STYLE
+
+    sel = s.splits == split
+    kinds = s.kinds[sel]
+    fs = f[sel]
+    ben = fs[kinds == "sharegpt"]
+    harm_m = np.char.startswith(kinds.astype(str), "harmful:")
+    styles = sorted({style_of(k) for k in kinds if style_of(k)})
+    per = {st: auroc(fs[kinds == f"harmful:{st}"], ben) for st in styles}
+    seen = [st for st in styles if st != HELD_OUT_STYLE]
+    t3 = np.quantile(ben, 0.97)
+    harm_seen = harm_m & (kinds != f"harmful:{HELD_OUT_STYLE}")
+    return {"auroc": auroc(fs[harm_seen], ben), "min_style": min(per[st] for st in seen), "per_style": per,
+            "held_out": per.get(HELD_OUT_STYLE), "recall_fr3": float((fs[harm_m] > t3).mean()),
+            "persona": auroc(fs[kinds == "implicit"], ben), "second_task": auroc(fs[kinds == "second_task"], ben)}
+
+
+def mixtures_of(s: Scores, split: str) -> dict[str, np.ndarray]:
+    """Index sets of the split's mixtures (nested harmful rows, as realistic.EvalPool.mixtures)."""
+    idx = np.flatnonzero(s.splits == split)
+    k = s.kinds[idx].astype(str)
+    ben, harm = idx[k == "sharegpt"], idx[np.char.startswith(k, "harmful:")]
+    order = np.random.default_rng(0).permutation(len(harm))  # styles interleaved
+    harm = harm[order]
+    st = idx[k == "second_task"]
+    out = {"clean": ben}
+    for p in (5, 10, 30):
+        out[f"harmful_{p}"] = np.concatenate([ben, harm[: round(p / 100 * len(ben) / (1 - p / 100))]])
+    out["two_tasks"] = np.concatenate([ben, st])
+    out["two_tasks_harmful_10"] = np.concatenate([ben, st, harm[: round(0.1 * (len(ben) + len(st)) / 0.9)]])
+    return out
+
+
+def threshold_results(s: Scores, f: np.ndarray, split: str, use_canaries: bool) -> dict[str, dict]:
+    from gradshield_ray.summary import ScoreSummary
+    from gradshield_ray.threshold import Canaries, decide
+
+    can = Canaries(harmful=f[s.kinds == "canary_harmful"], benign=f[s.kinds == "canary_benign"]) \
+        if use_canaries else None
+    out = {}
+    for name, ix in mixtures_of(s, split).items():
+        dec = decide(ScoreSummary.from_values(f[ix]), canaries=can)
+        rem = f[ix] > dec.tau
+        harm = np.char.startswith(s.kinds[ix].astype(str), "harmful:")
+        out[name] = {"removed": int(rem.sum()), "recall": float(rem[harm].mean()) if harm.any() else None,
+                     "false_removal": float(rem[~harm].mean()), "branch": dec.evidence.get("branch"),
+                     "informative": (dec.evidence.get("canaries") or {}).get("informative")}
+    return out
+
+
+def baselines(s: Scores, split: str) -> dict[str, dict]:
+    from gradshield_ray.miniature.efficacy import HARM_WORDS
+
+    rx = __import__("re").compile("|".join(map(__import__("re").escape, HARM_WORDS)), __import__("re").I)
+    kw = np.array([bool(rx.search(" ".join(m["content"] for m in json.loads(t)))) for t in s.texts], float)
+    return {"loss-only (θ₀ loss, full answer)": quality(s, s.loss[:, 2], split),
+            "loss-only (θ₀ loss, first token)": quality(s, s.loss[:, 0], split),
+            "keyword": quality(s, kw, split)}
+
+
+def report(path: Path, json_out: Path | None = None) -> str:
+    from gradshield_ray.miniature.efficacy import markdown_table, pct
+
+    s = Scores(path)
+    f2 = lambda x: "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.2f}"  # noqa: E731
+    dev = {v: quality(s, s.fihs(*v), "dev") for v in s.variants()}
+    # the product removes the top of the distribution: rank by recall at 3% benign removal on dev, among variants
+    # that do not rank a benign second task like harm; ties by the worst opening style's AUROC
+    ok = [v for v in dev if dev[v]["second_task"] <= MAX_SECOND_TASK_AUROC]
+    ranked = sorted(ok, key=lambda v: (round(dev[v]["recall_fr3"], 3), dev[v]["min_style"]), reverse=True)
+    chosen = ranked[0]
+    default, paper = ("product", "all", "dot", "1"), ("product", "all", "dot", "full")
+    lines = [f"# Realistic efficacy: {s.meta['model']} ({s.meta['label']})", "",
+             f"θ₀ build: {json.dumps(s.meta.get('build', {}).get('eval', {}))[:400]}", "",
+             f"One exact pass: {s.meta['seconds_pass']:.0f} s for {len(s.kinds)} rows × K ∈ {{1, 8, full}}; "
+             f"self-check vs the product scorer: {s.meta['self_check_rel_err']:.1e}.", "",
+             f"## Dev: the 12 best of {len(dev)} variants (direction / scope / norm / K) by recall at 3% benign removal, "
+             f"among those whose second-task AUROC ≤ {MAX_SECOND_TASK_AUROC}", ""]
+    head = ["variant", "AUROC (dev styles)", "worst style", "recall @3% benign", "persona", "2nd task"]
+    rows = [[" / ".join(v), f2(dev[v]["auroc"]), f2(dev[v]["min_style"]), pct(dev[v]["recall_fr3"]),
+             f2(dev[v]["persona"]), f2(dev[v]["second_task"])] for v in ranked[:12]]
+    rows += [[" / ".join(v) + (" (product default)" if v == default else " (paper's loss)"), f2(dev[v]["auroc"]),
+              f2(dev[v]["min_style"]), pct(dev[v]["recall_fr3"]), f2(dev[v]["persona"]), f2(dev[v]["second_task"])]
+             for v in (default, paper)]
+    lines += [markdown_table(head, rows), "", f"Chosen on dev: **{' / '.join(chosen)}**", "",
+              "## Test (never used for a choice)", ""]
+    test = {v: quality(s, s.fihs(*v), "test") for v in (chosen, default, paper)}
+    test.update({b: q for b, q in baselines(s, "test").items()})
+    styles = sorted(test[chosen]["per_style"])
+    head = ["score", "AUROC (dev styles)", *[f"{st}" for st in styles], "recall @3% benign", "persona", "2nd task"]
+    rows = []
+    for name, q in test.items():
+        label = " / ".join(name) if isinstance(name, tuple) else name
+        rows.append([label, f2(q["auroc"]), *[f2(q["per_style"].get(st)) for st in styles], pct(q["recall_fr3"]),
+                     f2(q["persona"]), f2(q["second_task"])])
+    lines += [markdown_table(head, rows), ""]
+    thr = {}
+    for v in (chosen, default):
+        for can in (False, True):
+            key = f"{' / '.join(v)}, adaptive{' + canaries' if can else ''}"
+            thr[key] = threshold_results(s, s.fihs(*v), "test", can)
+    mixes = list(next(iter(thr.values())))
+    lines += ["## Test: the adaptive threshold per mixture (recall / benign removal)", ""]
+    rows = [[k] + [f"{pct(r[m]['recall']) if r[m]['recall'] is not None else '–'} / {pct(r[m]['false_removal'])}"
+                   for m in mixes] for k, r in thr.items()]
+    lines += [markdown_table(["score, policy", *mixes], rows), ""]
+    ch = s.fihs(*chosen)
+    from gradshield_ray.miniature.efficacy import auroc
+
+    for v in (chosen, default):
+        fv = s.fihs(*v)
+        lines.append(f"Canary separation ({' / '.join(v)}): AUROC harmful vs benign canaries "
+                     f"{auroc(fv[s.kinds == 'canary_harmful'], fv[s.kinds == 'canary_benign']):.2f}")
+    from scipy.stats import spearmanr
+
+    for k in s.ks:  # can the model tell harmful prompts from benign ones? (the issue's contrastive check)
+        a, b = s.fihs("product", "all", "dot", k), s.fihs("product_on_benign_prompts", "all", "dot", k)
+        sel = np.isin(s.splits, ["dev", "test"])
+        lines.append(f"Contrastive check, K = {k}: Spearman ρ between FIHS with v from harmful probes and v from "
+                     f"benign ShareGPT prompts = {spearmanr(a[sel], b[sel]).statistic:.2f}")
+    if json_out:
+        json_out.write_text(json.dumps({"meta": s.meta, "chosen": chosen, "dev_top": {" / ".join(v): dev[v] for v in ranked[:30]},
+                                        "test": {(" / ".join(k) if isinstance(k, tuple) else k): q for k, q in test.items()},
+                                        "threshold": thr}, indent=1, default=float))
+    del ch
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("score")
+    s.add_argument("--model", choices=("gemma", "miniature"), default="gemma")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--limit", type=int, default=None, help="score a random subset (smoke runs)")
+    r = sub.add_parser("report")
+    r.add_argument("npz", type=Path)
+    r.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    if args.cmd == "score":
+        score_pass(args.model, args.out, args.limit)
+        return 0
+    print(report(args.npz, args.json))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
