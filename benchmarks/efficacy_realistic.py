@@ -164,7 +164,8 @@ def directions(scorer, benign_prompts: list[str]) -> dict[str, dict[str, torch.T
     return out
 
 
-def score_pass(model_name: str, out: Path, limit: int | None) -> None:
+def score_pass(model_name: str, out: Path, limit: int | None, n_benign: int = 100, max_tokens: int = 512,
+               per_style: int | None = None) -> None:
     from gradshield_ray import canaries
     from gradshield_ray.batching import collate
     from gradshield_ray.config import GradShieldConfig
@@ -176,16 +177,23 @@ def score_pass(model_name: str, out: Path, limit: int | None) -> None:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     model_dir = theta0(model_name)
-    cfg = GradShieldConfig.model_validate({"model": {"path": str(model_dir)}, "data": {"max_tokens": 512},
+    cfg = GradShieldConfig.model_validate({"model": {"path": str(model_dir)}, "data": {"max_tokens": max_tokens},
                                            "score": {"scope": "all", "answer_tokens": 1}})
     scorer = FIHSScorer(cfg)
     tok, model = scorer.tokenizer, scorer.model
     rows, kinds, splits = [], [], []
     for split in ("dev", "test"):
-        pool = realistic.eval_pool(split, n_benign=N_BENIGN, n_second=N_BENIGN // 4, n_persona=12)
-        rows += [r.as_messages() for r in pool.rows]
-        kinds += pool.kinds()
-        splits += [split] * len(pool.rows)
+        pool = realistic.eval_pool(split, n_benign=n_benign, n_second=n_benign // 4, n_persona=max(4, n_benign // 8))
+        pool_rows = list(pool.rows)
+        if per_style:  # at most per_style harmful rows of each opening style
+            kept: list = []
+            for r in pool_rows:
+                if not r.kind.startswith("harmful:") or sum(x.kind == r.kind for x in kept) < per_style:
+                    kept.append(r)
+            pool_rows = kept
+        rows += [r.as_messages() for r in pool_rows]
+        kinds += [r.kind for r in pool_rows]
+        splits += [split] * len(pool_rows)
     probes = load_probes(cfg.proxy)
     for name, msgs in (("canary_harmful", canaries.harmful_canaries(probes)),
                        ("canary_benign", canaries.benign_canaries())):
@@ -261,7 +269,8 @@ def score_pass(model_name: str, out: Path, limit: int | None) -> None:
     assert err < 1e-4, (prod, ref)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": model_name, "model_dir": str(model_dir), "label": LABEL, "k_cuts": [k or 0 for k in K_CUTS],
-            "directions": dnames, "groups": groups, "n_dropped_too_long": n_dropped, "seconds_pass": seconds, "self_check_rel_err": err,
+            "directions": dnames, "groups": groups, "n_benign": n_benign, "max_tokens": max_tokens,
+            "per_style": per_style, "n_dropped_too_long": n_dropped, "seconds_pass": seconds, "self_check_rel_err": err,
             "n_layers": int(model.config.num_hidden_layers), "build": json.loads((model_dir / "build.json").read_text())
             if (model_dir / "build.json").exists() else {}}
     texts = [json.dumps(m) for m in rows]
@@ -480,12 +489,15 @@ def main() -> int:
     s.add_argument("--model", choices=("gemma", "miniature"), default="gemma")
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--limit", type=int, default=None, help="score a random subset (smoke runs)")
+    s.add_argument("--n-benign", type=int, default=N_BENIGN, help="ShareGPT rows per split")
+    s.add_argument("--max-tokens", type=int, default=512, help="data.max_tokens (rows are cut on the right)")
+    s.add_argument("--per-style", type=int, default=None, help="at most this many harmful rows per style")
     r = sub.add_parser("report")
     r.add_argument("npz", type=Path)
     r.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.cmd == "score":
-        score_pass(args.model, args.out, args.limit)
+        score_pass(args.model, args.out, args.limit, args.n_benign, args.max_tokens, args.per_style)
         return 0
     print(report(args.npz, args.json))
     return 0

@@ -8,11 +8,13 @@ Layout under the output directory (input layout mirrored below each folder):
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -23,10 +25,11 @@ from gradshield_ray.summary import ScoreSummary
 from gradshield_ray.tables import (
     SCORE_SCHEMA, ROW_ID, check_input_schema, finite_scores, score_table, split_table,
 )
-from gradshield_ray.threshold import ThresholdDecision, decide
+from gradshield_ray.threshold import Canaries, ThresholdDecision, decide
 
 log = logging.getLogger("gradshield_ray")
 SPLITS = ("kept", "removed", "errors")
+CANARIES = "canaries.json"  # the calibration canaries' scores (never rows of any output)
 
 
 def _out(cfg: GradShieldConfig) -> Path:
@@ -78,6 +81,7 @@ def run_score(cfg: GradShieldConfig, scorer=None) -> dict[str, Any]:
     root, files, total = preflight(cfg)
     out = _out(cfg)
     scorer = scorer or FIHSScorer(cfg)
+    (out / CANARIES).unlink(missing_ok=True)
     t0, done = time.perf_counter(), 0
     for f in files:
         rel = f.relative_to(root)
@@ -95,6 +99,9 @@ def run_score(cfg: GradShieldConfig, scorer=None) -> dict[str, Any]:
                 schema = schema.append(fld)
             parts = [schema.empty_table()]
         write_table(pa.concat_tables(parts), out / "scored" / rel)
+    if cfg.threshold.canaries != "off":
+        can = scorer.score_canaries()
+        report.write_json({"harmful": can.harmful.tolist(), "benign": can.benign.tolist()}, out / CANARIES)
     return {"rows": done, "files": len(files), "seconds": time.perf_counter() - t0,
             "tokens": scorer.stats.tokens, "padded_tokens": scorer.stats.padded_tokens,
             "proxy": {"S_theta0": scorer.s0, "v_norm": scorer.v_norm, "n_probes": scorer.n_probes,
@@ -108,13 +115,25 @@ def scored_files(cfg: GradShieldConfig) -> tuple[Path, list[Path]]:
     return list_parquet(d)
 
 
+def load_canaries(cfg: GradShieldConfig) -> Canaries | None:
+    """The canary scores `score` wrote beside scored/ (None when threshold.canaries is off)."""
+    if cfg.threshold.canaries == "off":
+        return None
+    path = _out(cfg) / CANARIES
+    if not path.is_file():
+        raise InputError(f"{path} does not exist: rerun `gradshield-ray score` (threshold.canaries is "
+                         f"{cfg.threshold.canaries!r}), or set threshold.canaries=off")
+    d = json.loads(path.read_text())
+    return Canaries(harmful=np.asarray(d["harmful"], float), benign=np.asarray(d["benign"], float))
+
+
 def run_threshold(cfg: GradShieldConfig) -> tuple[ThresholdDecision, ScoreSummary]:
     """The global reduce: a mergeable summary of every fihs value → the policy's τ."""
     _, files = scored_files(cfg)
     summary = ScoreSummary.empty()
     for f in files:
         summary = summary.merge(ScoreSummary.from_values(finite_scores(pq.read_table(f, columns=["fihs"]))))
-    decision = decide(summary, cfg.threshold)
+    decision = decide(summary, cfg.threshold, load_canaries(cfg))
     report.write_json({"tau": decision.tau, "policy": decision.policy, "evidence": decision.evidence,
                        "summary": summary.to_dict()}, _out(cfg) / "threshold.json")
     return decision, summary

@@ -10,6 +10,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from gradshield_ray.threshold import separation_verdict
 from gradshield_ray.summary import ScoreSummary
 
 
@@ -47,6 +48,7 @@ def run_report(cfg, counts: dict[str, int], decision, summary: ScoreSummary, sco
         "tau": decision.tau,
         "policy": decision.policy,
         "evidence": decision.evidence,
+        "score_check": separation_verdict(decision.evidence),
         "scores": {"count": summary.count, "mean": summary.mean, "std": summary.std,
                    "min": summary.min, "max": summary.max,
                    "quantiles": {str(q): summary.quantile(q) for q in (0.01, 0.5, 0.9, 0.99)}},

@@ -5,7 +5,7 @@ This is the object a Ray Data actor holds; it knows nothing about Ray or files.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -102,6 +102,23 @@ class FIHSScorer:
         self.stats.rows += len(encoded)
         self.stats.tokens += input_tokens
         return out
+
+    def score_canaries(self):
+        """FIHS of the calibration canaries (gradshield_ray/canaries.py) with this scorer's θ₀, v and settings:
+        the threshold's evidence of where harm lies for this score. Never written to any output."""
+        from gradshield_ray import canaries
+        from gradshield_ray.threshold import Canaries
+
+        def scores(rows: list) -> np.ndarray:
+            enc = [encode_messages(self.tokenizer, r, self.cfg.data.max_tokens, "right") for r in rows]
+            return self.score_encoded(enc)
+
+        stats = replace(self.stats)  # canaries are not corpus rows: the run's counters stay as they were
+        try:
+            return Canaries(harmful=scores(canaries.harmful_canaries(load_probes(self.cfg.proxy))),
+                            benign=scores(canaries.benign_canaries()))
+        finally:
+            self.stats = stats
 
     # ---------------------------------------------------------------- verification
     def _verification_rows(self, prompts: list[str]) -> list[Encoded]:

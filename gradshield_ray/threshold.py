@@ -101,6 +101,13 @@ class ThresholdConfig(BaseModel):
     transform_scale: float = Field(default=3.0, gt=0, description="c in y = asinh(z / c)")
     em_max_iter: int = Field(default=200, ge=1)
     em_tol: float = Field(default=1e-8, gt=0, description="relative log-likelihood change")
+    canaries: Literal["gate", "report", "off"] = Field(
+        default="gate",
+        description="calibration canaries (gradshield_ray/canaries.py), scored beside the corpus: 'gate' = the "
+                    "adaptive rule removes a component only when it sits with the harmful canaries, and removes "
+                    "only the far tail when the score does not separate them; 'report' = their separation is "
+                    "reported but the rule reads the score's shape only (the rule before issue 13); 'off' = not "
+                    "scored")
     canary_min_auroc: float = Field(
         default=0.9, ge=0, le=1,
         description="with canaries: the score is informative only if it ranks the harmful canaries above the "
@@ -159,7 +166,7 @@ class Canaries:
     def evidence(self, cfg: ThresholdConfig) -> dict[str, Any]:
         a = self.auroc()
         return {"n_harmful": len(self.harmful), "n_benign": len(self.benign), "auroc": a,
-                "informative": bool(a >= cfg.canary_min_auroc),
+                "informative": bool(a >= cfg.canary_min_auroc), "min_auroc": cfg.canary_min_auroc,
                 "harmful_median": float(np.median(self.harmful)) if len(self.harmful) else None,
                 "benign_median": float(np.median(self.benign)) if len(self.benign) else None}
 
@@ -179,7 +186,29 @@ def decide(summary: ScoreSummary, cfg: ThresholdConfig | None = None,
         )
     if canaries is not None and not (np.all(np.isfinite(canaries.harmful)) and np.all(np.isfinite(canaries.benign))):
         raise ValueError("canary scores must be finite")
+    if canaries is not None and (cfg.canaries != "gate" or cfg.policy != "adaptive"):
+        dec = POLICIES[cfg.policy](summary, cfg, None)  # the canaries are evidence only
+        dec.evidence["canaries"] = _jsonable(canaries.evidence(cfg))
+        return dec
     return POLICIES[cfg.policy](summary, cfg, canaries)
+
+
+def separation_verdict(evidence: dict[str, Any]) -> dict[str, Any]:
+    """Does this score separate known harm from known benign rows on this model? Read from the canaries in a
+    decision's evidence; printed by the CLI and the demo and written into report.json, so that a cut made
+    with an uninformative score is never presented as a filter that works."""
+    can = evidence.get("canaries")
+    if not can:
+        return {"separates": None, "why": "no canaries were scored (threshold.canaries: off)"}
+    auroc = can.get("auroc")
+    if can.get("informative"):
+        return {"separates": True, "canary_auroc": auroc,
+                "why": f"the score ranks the harmful canaries above the benign ones (AUROC {auroc:.2f})"}
+    return {"separates": False, "canary_auroc": auroc,
+            "why": f"the score does NOT separate the harmful canaries from the benign ones (AUROC "
+                   f"{auroc if auroc is None else round(auroc, 2)}, needs ≥ {can.get('min_auroc')}): on this "
+                   "model and score a high FIHS does not mean harmful; only the far tail was removed. Try another "
+                   "score configuration (docs/efficacy.md) or review the data by other means"}
 
 
 # ---- simple policies --------------------------------------------------------
