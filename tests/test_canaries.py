@@ -103,9 +103,11 @@ def test_local_filter_scores_canaries_reports_them_and_never_outputs_them(tmp_pa
     assert rep["evidence"]["canaries"]["n_harmful"] == 41
     assert rep["score_check"]["separates"] in (True, False)
     assert rep["scoring"]["rows"] == 12 and rep["counts"]["input"] == 12
-    texts = [json.dumps(t) for f in out.rglob("*.parquet") for t in pq.read_table(f)["messages"].to_pylist()]
-    assert not any(a.split()[0] in t for t in texts for a in C.HARMFUL_ANSWERS[:1])
-    assert not any("tomato sauce" in t for t in texts)
+    texts = [m["content"] for f in out.rglob("*.parquet") for t in pq.read_table(f)["messages"].to_pylist()
+             for m in t]
+    assert len(texts) == 2 * 24  # scored/ and kept/+removed/: 12 rows of 2 turns each, nothing else
+    canary_texts = {m["content"] for r in C.benign_canaries() for m in r} | set(C.HARMFUL_ANSWERS)
+    assert not canary_texts & set(texts)
     # threshold alone reads them back; with canaries off it needs none
     d, _ = local.run_threshold(cfg)
     assert d.evidence["canaries"]["n_benign"] == 40
