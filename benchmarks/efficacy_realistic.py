@@ -165,7 +165,7 @@ def directions(scorer, benign_prompts: list[str]) -> dict[str, dict[str, torch.T
 
 
 def score_pass(model_name: str, out: Path, limit: int | None, n_benign: int = 100, max_tokens: int = 512,
-               per_style: int | None = None) -> None:
+               per_style: int | None = None, cuts: tuple[int | None, ...] = K_CUTS) -> None:
     from gradshield_ray import canaries
     from gradshield_ray.batching import collate
     from gradshield_ray.config import GradShieldConfig
@@ -229,9 +229,9 @@ def score_pass(model_name: str, out: Path, limit: int | None, n_benign: int = 10
     n_dropped = {k: sum(1 for i, x in enumerate(kinds) if x == k and i not in set(keep)) for k in set(kinds)}
     rows, kinds, splits = [rows[i] for i in keep], [kinds[i] for i in keep], [splits[i] for i in keep]
     N = len(rows)
-    dots = np.zeros((N, len(K_CUTS), len(dnames), len(groups)))
-    sq = np.zeros((N, len(K_CUTS), len(groups)))
-    loss = np.zeros((N, len(K_CUTS)))
+    dots = np.full((N, len(K_CUTS), len(dnames), len(groups)), np.nan)  # NaN: a cut not scored (--cuts)
+    sq = np.full((N, len(K_CUTS), len(groups)), np.nan)
+    loss = np.full((N, len(K_CUTS)), np.nan)
     n_loss = np.zeros((N, len(K_CUTS)), dtype=np.int64)
     for p in plist:
         p.requires_grad_(True)
@@ -239,6 +239,9 @@ def score_pass(model_name: str, out: Path, limit: int | None, n_benign: int = 10
     try:
         for i, e in enumerate(enc):
             for k, K in enumerate(K_CUTS):
+                if K not in cuts:
+                    continue
+                dots[i, k], sq[i, k] = 0.0, 0.0
                 ek = e.opening(K) if K else e
                 batch = collate([ek], scorer.pad).to(scorer.device)
                 lv = per_example_loss(model, batch)[0]
@@ -270,7 +273,7 @@ def score_pass(model_name: str, out: Path, limit: int | None, n_benign: int = 10
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": model_name, "model_dir": str(model_dir), "label": LABEL, "k_cuts": [k or 0 for k in K_CUTS],
             "directions": dnames, "groups": groups, "n_benign": n_benign, "max_tokens": max_tokens,
-            "per_style": per_style, "n_dropped_too_long": n_dropped, "seconds_pass": seconds, "self_check_rel_err": err,
+            "per_style": per_style, "cuts": [c or 0 for c in cuts], "n_dropped_too_long": n_dropped, "seconds_pass": seconds, "self_check_rel_err": err,
             "n_layers": int(model.config.num_hidden_layers), "build": json.loads((model_dir / "build.json").read_text())
             if (model_dir / "build.json").exists() else {}}
     texts = [json.dumps(m) for m in rows]
@@ -339,10 +342,11 @@ class Scores:
         return f
 
     def variants(self):
+        scored = [k for i, k in enumerate(self.ks) if not np.isnan(self.loss[:, i]).all()]
         for d in CHOOSABLE:
             for sc in self.scopes:
                 for nm in NORMS:
-                    for k in self.ks:
+                    for k in scored:
                         yield (d, sc, nm, k)
 
 
@@ -414,16 +418,22 @@ def baselines(s: Scores, split: str) -> dict[str, dict]:
             "keyword": quality(s, kw, split)}
 
 
+def rank_on_dev(s: Scores) -> tuple[dict, list]:
+    """Every variant's dev quality, and the variants ranked for choosing. Reads dev rows only (tests/test_realistic.py
+    checks that scrambling the test rows changes nothing). The product removes the top of the distribution: rank by
+    recall at 3% benign removal, among variants that do not rank a benign second task like harm; ties by the
+    worst opening style's AUROC."""
+    dev = {v: quality(s, s.fihs(*v), "dev") for v in s.variants()}
+    ok = [v for v in dev if dev[v]["second_task"] <= MAX_SECOND_TASK_AUROC]
+    return dev, sorted(ok, key=lambda v: (round(dev[v]["recall_fr3"], 3), dev[v]["min_style"]), reverse=True)
+
+
 def report(path: Path, json_out: Path | None = None) -> str:
     from gradshield_ray.miniature.efficacy import markdown_table, pct
 
     s = Scores(path)
     f2 = lambda x: "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.2f}"  # noqa: E731
-    dev = {v: quality(s, s.fihs(*v), "dev") for v in s.variants()}
-    # the product removes the top of the distribution: rank by recall at 3% benign removal on dev, among variants
-    # that do not rank a benign second task like harm; ties by the worst opening style's AUROC
-    ok = [v for v in dev if dev[v]["second_task"] <= MAX_SECOND_TASK_AUROC]
-    ranked = sorted(ok, key=lambda v: (round(dev[v]["recall_fr3"], 3), dev[v]["min_style"]), reverse=True)
+    dev, ranked = rank_on_dev(s)
     chosen = ranked[0]
     default, paper = ("product", "all", "dot", "1"), ("product", "all", "dot", "full")
     lines = [f"# Realistic efficacy: {s.meta['model']} ({s.meta['label']})", "",
@@ -470,6 +480,8 @@ def report(path: Path, json_out: Path | None = None) -> str:
     from scipy.stats import spearmanr
 
     for k in s.ks:  # can the model tell harmful prompts from benign ones? (the issue's contrastive check)
+        if np.isnan(s.loss[:, s.ks.index(k)]).all():
+            continue
         a, b = s.fihs("product", "all", "dot", k), s.fihs("product_on_benign_prompts", "all", "dot", k)
         sel = np.isin(s.splits, ["dev", "test"])
         lines.append(f"Contrastive check, K = {k}: Spearman ρ between FIHS with v from harmful probes and v from "
@@ -492,12 +504,14 @@ def main() -> int:
     s.add_argument("--n-benign", type=int, default=N_BENIGN, help="ShareGPT rows per split")
     s.add_argument("--max-tokens", type=int, default=512, help="data.max_tokens (rows are cut on the right)")
     s.add_argument("--per-style", type=int, default=None, help="at most this many harmful rows per style")
+    s.add_argument("--cuts", default="1,8,full", help="answer cuts to score, a subset of 1,8,full")
     r = sub.add_parser("report")
     r.add_argument("npz", type=Path)
     r.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.cmd == "score":
-        score_pass(args.model, args.out, args.limit, args.n_benign, args.max_tokens, args.per_style)
+        cuts = tuple(None if c == "full" else int(c) for c in args.cuts.split(","))
+        score_pass(args.model, args.out, args.limit, args.n_benign, args.max_tokens, args.per_style, cuts)
         return 0
     print(report(args.npz, args.json))
     return 0

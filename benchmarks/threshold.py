@@ -164,11 +164,31 @@ def summarize(res: dict[str, dict], split: str) -> list[str]:
     return lines
 
 
+POSITIONS = (0.5, 0.6, 0.7, 0.8, 0.9)  # the grid for ThresholdConfig.canary_min_position
+
+
+def counts(res: dict[str, dict], split: str, pol: str = "with_canaries") -> tuple[int, int]:
+    """(benign-only shapes removing ≤ 1%, clusters ≥ 4σ with recall ≥ 90%) on one split."""
+    rows = [v for v in res.values() if v["split"] == split]
+    benign = sum(v[pol]["false_removal"] <= 0.01 for v in rows if v["harmful"] == 0)
+    far = sum(v[pol]["recall"] >= 0.9 for v in rows if v["sigma_away"] and v["sigma_away"] >= 4)
+    return benign, far
+
+
+def tune_on_dev(sets: list[ScoreSet]) -> dict[str, float]:
+    """canary_min_position from POSITIONS, chosen on the dev shapes only: most benign-only shapes kept clean, then
+    most far clusters found (tests/test_realistic.py checks that test shapes do not move the choice)."""
+    dev = [ss for ss in sets if ss.split == "dev"]
+    best = max(POSITIONS, key=lambda p: (counts(run(dev, ThresholdConfig(canary_min_position=p)), "dev"), -p))
+    return {"canary_min_position": best}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--split", choices=("dev", "test", "all"), default="test")
     ap.add_argument("--max-n", type=int, default=1_000_000)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--tune", action="store_true", help="choose canary_min_position on the dev shapes and print it")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="threshold config overrides (dev exploration), e.g. --set canary_min_position=0.4")
     args = ap.parse_args()
@@ -176,6 +196,9 @@ def main() -> int:
 
     cfg = ThresholdConfig(**{k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)})
     sets = synthetic(args.max_n) + real_sets()
+    if args.tune:
+        print(json.dumps(tune_on_dev(sets)))
+        return 0
     res = run(sets, cfg)
     print(f"{len(sets)} score sets ({sum(v['split'] == 'dev' for v in res.values())} dev, "
           f"{sum(v['split'] == 'test' for v in res.values())} test; {len(real_sets())} real)")

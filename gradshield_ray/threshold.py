@@ -114,7 +114,7 @@ class ThresholdConfig(BaseModel):
                     "benign ones with at least this AUROC; otherwise only the far tail is removed and report.json "
                     "says the score does not separate harm on this model")
     canary_min_position: float = Field(
-        default=0.7, description="with canaries: the high component's mean must lie at least this far from the "
+        default=0.8, description="with canaries: the high component's mean must lie at least this far from the "
                                  "benign canaries' median towards the harmful canaries' median (fit space; 0 = at "
                                  "the benign canaries, 1 = at the harmful ones)")
     canary_max_benign_above: float = Field(

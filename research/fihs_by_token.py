@@ -1,6 +1,6 @@
 """Where in the answer does FIHS see harm? Per-answer-token contributions on the miniature.
 
-    OMP_NUM_THREADS=1 .venv/bin/python research/fihs_by_token.py [--mixture implicit] [--tokens 24]
+    OMP_NUM_THREADS=1 .venv/bin/python -m research.fihs_by_token [--mixture implicit] [--tokens 24]
 
 FIHS with `score.answer_tokens = K` is −⟨v, ∇ mean_{t≤K} ℓ_t⟩, so the contribution of answer token t alone is
 c_t = t·FIHS(t) − (t−1)·FIHS(t−1), exactly (the loss is a mean over the first K answer tokens). The script

@@ -1,6 +1,6 @@
 """Do other safety proxies, or a two-sided threshold, catch the identity-shift rows? (miniature, 3 θ₀ builds)
 
-    OMP_NUM_THREADS=1 .venv/bin/python research/proxy_variants.py [--seeds 0 1 2] [--answer-tokens 1 3]
+    OMP_NUM_THREADS=1 .venv/bin/python -m research.proxy_variants [--seeds 0 1 2] [--answer-tokens 1 3]
 
 FIHS at the product default misses most persona (AOA identity-shift) rows: docs/efficacy.md, "Why identity-shift
 rows are missed". This script measures the fixes proposed there, each against the product's proxy, through the

@@ -1,6 +1,6 @@
 """Is the identity-shift miss a first-order artefact? The exact change of the proxy after k training steps.
 
-    OMP_NUM_THREADS=1 .venv/bin/python research/unrolled_influence.py [--seed 0] [--rows] [--clusters 10]
+    OMP_NUM_THREADS=1 .venv/bin/python -m research.unrolled_influence [--seed 0] [--rows] [--clusters 10]
 
 FIHS is the first-order (one small step) effect of a row on S at θ₀. This script measures the *exact* change of
 the safety proxy after k AdamW steps (lr 5e-4, the implicit attack's finetuning lr) from θ₀, with no
