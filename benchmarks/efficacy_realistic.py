@@ -463,7 +463,7 @@ def report(path: Path, json_out: Path | None = None) -> str:
     thr = {}
     for v in (chosen, default):
         for can in (False, True):
-            key = f"{' / '.join(v)}, adaptive{' + canaries' if can else ''}"
+            key = f"{' / '.join(v)}, adaptive{' + canaries (gate)' if can else ', shape only'}"
             thr[key] = threshold_results(s, s.fihs(*v), "test", can)
     mixes = list(next(iter(thr.values())))
     lines += ["## Test: the adaptive threshold per mixture (recall / benign removal)", ""]
@@ -494,6 +494,27 @@ def report(path: Path, json_out: Path | None = None) -> str:
     return "\n".join(lines)
 
 
+def save_score_sets(s: Scores, variants: dict[str, tuple], out_dir: Path) -> list[Path]:
+    """Real score sets for benchmarks/threshold.py: the dev split's harmful_10 and two_tasks mixtures plus the
+    canaries, per variant (fihs, label, kind; no text). Dev rows only, so the threshold suite may tune on them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    can = np.flatnonzero(np.char.startswith(s.kinds.astype(str), "canary_"))
+    for tag, v in variants.items():
+        f = s.fihs(*v)
+        for mix in ("harmful_10", "two_tasks"):
+            ix = np.concatenate([mixtures_of(s, "dev")[mix], can])
+            kinds = s.kinds[ix].astype(str)
+            t = pa.table({"fihs": f[ix], "label": np.char.startswith(kinds, "harmful:"), "kind": kinds})
+            path = out_dir / f"{s.meta['model']}_{tag}_{mix}.parquet"
+            pq.write_table(t, path)
+            paths.append(path)
+    return paths
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -508,12 +529,19 @@ def main() -> int:
     r = sub.add_parser("report")
     r.add_argument("npz", type=Path)
     r.add_argument("--json", type=Path)
+    r.add_argument("--save-score-sets", type=Path, help="write real score sets for benchmarks/threshold.py here")
     args = ap.parse_args()
     if args.cmd == "score":
         cuts = tuple(None if c == "full" else int(c) for c in args.cuts.split(","))
         score_pass(args.model, args.out, args.limit, args.n_benign, args.max_tokens, args.per_style, cuts)
         return 0
     print(report(args.npz, args.json))
+    if args.save_score_sets:
+        s = Scores(args.npz)
+        _, ranked = rank_on_dev(s)
+        for p in save_score_sets(s, {"default": ("product", "all", "dot", "1"), "devbest": ranked[0]},
+                                 args.save_score_sets):
+            print(f"wrote {p}")
     return 0
 
 
