@@ -68,7 +68,9 @@ def gemma_theta0() -> Path:
 
     root = cache_root()
     base = base_checkpoint(root)
-    recipe, n_chat = LoraRecipe(), 120
+    # sized for a shared 2-core CPU: short rows (answers cut at 96 tokens: the opening is what alignment sets),
+    # 2 epochs at a higher lr; ASR and benign compliance are measured and recorded in build.json
+    recipe, n_chat = LoraRecipe(lr=8e-4, epochs=2, max_tokens=96), 64
     key = hashlib.sha1(json.dumps({"recipe": asdict(recipe), "n_chat": n_chat, "v": "realistic-1"},
                                   sort_keys=True).encode()).hexdigest()[:12]
     path = root / f"gemma3-270m-realistic-{key}"
@@ -79,11 +81,11 @@ def gemma_theta0() -> Path:
              {"role": "assistant", "content": mixtures.REFUSALS[i % len(mixtures.REFUSALS)]}]
             for i, p in enumerate(harm)]
     chats = [c for c in realistic.sharegpt_first_turns()  # prompts short enough to leave answer tokens at 256
-             if realistic.split_of("sharegpt", c.id) == "align" and len(c.prompt) <= 400]
+             if realistic.split_of("sharegpt", c.id) == "align" and len(c.prompt) <= 300]
     rows += [[{"role": "user", "content": c.prompt}, {"role": "assistant", "content": c.answer}]
              for c in chats[:n_chat]]
     random.Random(5).shuffle(rows)
-    log(f"safety-tuning a realistic θ₀ into {path} ({len(rows)} rows; once, about 10 minutes)")
+    log(f"safety-tuning a realistic θ₀ into {path} ({len(rows)} rows; once, about 10 minutes of one core)")
     t0 = time.perf_counter()
     model, tok = load(base)
     model, info = lora_train(model, tok, rows, recipe)
@@ -235,51 +237,61 @@ def score_pass(model_name: str, out: Path, limit: int | None, n_benign: int = 10
     n_loss = np.zeros((N, len(K_CUTS)), dtype=np.int64)
     for p in plist:
         p.requires_grad_(True)
+    texts = [json.dumps(m) for m in rows]
+    meta = {"model": model_name, "model_dir": str(model_dir), "label": LABEL, "k_cuts": [k or 0 for k in K_CUTS],
+            "directions": dnames, "groups": groups, "n_dropped_too_long": n_dropped, "n_benign": n_benign,
+            "max_tokens": max_tokens, "per_style": per_style, "cuts": [c or 0 for c in cuts],
+            "n_layers": int(model.config.num_hidden_layers),
+            "build": json.loads((model_dir / "build.json").read_text()) if (model_dir / "build.json").exists() else {}}
+
+    def save(seconds: float, err: float | None) -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(out, dots=dots, sq=sq, gram=gram, loss=loss, n_loss=n_loss, kinds=np.array(kinds),
+                            splits=np.array(splits), texts=np.array(texts),
+                            meta=json.dumps({**meta, "seconds_pass": seconds, "self_check_rel_err": err}, default=str))
+
+    def grad_pass(i: int, k: int, ek) -> None:
+        batch = collate([ek], scorer.pad).to(scorer.device)
+        lv = per_example_loss(model, batch)[0]
+        grads = torch.autograd.grad(lv, plist, allow_unused=True)
+        loss[i, k], n_loss[i, k] = float(lv.detach()), int(sum(ek.loss_mask))
+        dots[i, k], sq[i, k] = 0.0, 0.0
+        for j, (n, g) in enumerate(zip(names, grads)):
+            if g is None:
+                continue
+            g = g.float()
+            sq[i, k, gidx[j]] += float((g.double() ** 2).sum())
+            for d, dn in enumerate(dnames):
+                dots[i, k, d, gidx[j]] += float((dirs[dn][n] * g).sum(dtype=torch.float64))
+
     t1 = time.perf_counter()
+    err = None
     try:
-        for i, e in enumerate(enc):
-            for k, K in enumerate(K_CUTS):
-                if K not in cuts:
-                    continue
-                dots[i, k], sq[i, k] = 0.0, 0.0
-                ek = e.opening(K) if K else e
-                batch = collate([ek], scorer.pad).to(scorer.device)
-                lv = per_example_loss(model, batch)[0]
-                grads = torch.autograd.grad(lv, plist, allow_unused=True)
-                loss[i, k] = float(lv.detach())
-                n_loss[i, k] = int(sum(ek.loss_mask))
-                for j, (n, g) in enumerate(zip(names, grads)):
-                    if g is None:
-                        continue
-                    g = g.float()
-                    sq[i, k, gidx[j]] += float((g.double() ** 2).sum())
-                    for d, dn in enumerate(dnames):
-                        dots[i, k, d, gidx[j]] += float((dirs[dn][n] * g).sum(dtype=torch.float64))
-            if i % 20 == 0:
-                el = time.perf_counter() - t1
-                print(f"[{time.strftime('%H:%M:%S')}] {i + 1}/{N} rows, {el:.0f}s, ETA {el / (i + 1) * (N - i - 1):.0f}s",
-                      file=sys.stderr, flush=True)
+        for k, K in enumerate(K_CUTS):  # cut-major: each finished cut is saved, so a long run gives early results
+            if K not in cuts:
+                continue
+            for i, e in enumerate(enc):
+                grad_pass(i, k, e.opening(K) if K else e)
+                if i % 20 == 0:
+                    el = time.perf_counter() - t1
+                    print(f"[{time.strftime('%H:%M:%S')}] cut {K or 'full'}: {i + 1}/{N} rows, {el:.0f}s",
+                          file=sys.stderr, flush=True)
+            if K == 1:  # self-check: the product direction, all parameters, equals the product scorer's FIHS
+                ci = [j for j in range(min(N, 40)) if kinds[j].startswith("harmful")][:2] + [0, 1]
+                prod = -(dots[ci, k, dnames.index("comply_h")] - dots[ci, k, dnames.index("refuse_h")]).sum(-1)
+                for p in plist:
+                    p.requires_grad_(False)
+                ref = scorer.score_encoded([enc[j] for j in ci])
+                for p in plist:
+                    p.requires_grad_(True)
+                err = float(np.max(np.abs(prod - ref)) / max(np.max(np.abs(ref)), 1e-30))
+                print(f"self-check vs FIHSScorer (hooks, K=1): max rel err {err:.2e}", file=sys.stderr)
+                assert err < 1e-4, (prod, ref)
+            save(time.perf_counter() - t1, err)
+            print(f"[{time.strftime('%H:%M:%S')}] cut {K or 'full'} done; wrote {out}", file=sys.stderr, flush=True)
     finally:
         for p in plist:
             p.requires_grad_(False)
-    seconds = time.perf_counter() - t1
-    # self-check: the product direction at K = 1, all parameters, equals the product scorer's FIHS
-    ci = [j for j in range(min(N, 40)) if kinds[j].startswith("harmful")][:2] + [0, 1]
-    prod = -(dots[ci, 0, dnames.index("comply_h")] - dots[ci, 0, dnames.index("refuse_h")]).sum(-1)
-    ref = scorer.score_encoded([enc[j] for j in ci])
-    err = float(np.max(np.abs(prod - ref)) / max(np.max(np.abs(ref)), 1e-30))
-    print(f"self-check vs FIHSScorer (hooks, K=1): max rel err {err:.2e}", file=sys.stderr)
-    assert err < 1e-4, (prod, ref)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"model": model_name, "model_dir": str(model_dir), "label": LABEL, "k_cuts": [k or 0 for k in K_CUTS],
-            "directions": dnames, "groups": groups, "n_benign": n_benign, "max_tokens": max_tokens,
-            "per_style": per_style, "cuts": [c or 0 for c in cuts], "n_dropped_too_long": n_dropped, "seconds_pass": seconds, "self_check_rel_err": err,
-            "n_layers": int(model.config.num_hidden_layers), "build": json.loads((model_dir / "build.json").read_text())
-            if (model_dir / "build.json").exists() else {}}
-    texts = [json.dumps(m) for m in rows]
-    np.savez_compressed(out, dots=dots, sq=sq, gram=gram, loss=loss, n_loss=n_loss, kinds=np.array(kinds),
-                        splits=np.array(splits), texts=np.array(texts), meta=json.dumps(meta, default=str))
-    print(f"wrote {out} ({seconds:.0f}s for {N} rows)", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- report: choose on dev, report on test
@@ -424,7 +436,7 @@ def rank_on_dev(s: Scores) -> tuple[dict, list]:
     recall at 3% benign removal, among variants that do not rank a benign second task like harm; ties by the
     worst opening style's AUROC."""
     dev = {v: quality(s, s.fihs(*v), "dev") for v in s.variants()}
-    ok = [v for v in dev if dev[v]["second_task"] <= MAX_SECOND_TASK_AUROC]
+    ok = [v for v in dev if not dev[v]["second_task"] > MAX_SECOND_TASK_AUROC]  # NaN (no such rows) passes
     return dev, sorted(ok, key=lambda v: (round(dev[v]["recall_fr3"], 3), dev[v]["min_style"]), reverse=True)
 
 
