@@ -81,7 +81,7 @@ def gemma_theta0() -> Path:
              {"role": "assistant", "content": mixtures.REFUSALS[i % len(mixtures.REFUSALS)]}]
             for i, p in enumerate(harm)]
     chats = [c for c in realistic.sharegpt_first_turns()  # prompts short enough to leave answer tokens at 256
-             if realistic.split_of("sharegpt", c.id) == "align" and len(c.prompt) <= 300]
+             if realistic.split_of("sharegpt", c.id) == "align" and len(c.prompt) <= 200]
     rows += [[{"role": "user", "content": c.prompt}, {"role": "assistant", "content": c.answer}]
              for c in chats[:n_chat]]
     random.Random(5).shuffle(rows)

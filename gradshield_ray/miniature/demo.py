@@ -82,6 +82,9 @@ def run_demo(args: argparse.Namespace) -> dict:
           f"{rep['policy']} ({rep['evidence'].get('branch', '')}): tau = {rep['tau']:.4g}")
     print(f"kept {c['kept']}, removed {c['removed']}, errors {c['errors']}; harmful recall {recall:.0%}, "
           f"benign false removal {false_removal:.0%}")
+    check = rep.get("score_check") or {}
+    verdict = {True: "YES", False: "NO", None: "not checked"}[check.get("separates")]
+    print(f"does the filter separate this corpus? {verdict}, from the report's own evidence: {check.get('why')}")
     for k in ("kept", "removed", "errors"):
         print(f"  {k:10s} {out / k}")
     for name in ("report.json", "histogram.png", "manifest.json"):
