@@ -51,7 +51,7 @@ import torch  # noqa: E402
 
 from gradshield_ray.miniature import efficacy as E  # noqa: E402
 from gradshield_ray.miniature.efficacy import markdown_table as table, pct  # noqa: E402
-from gradshield_ray import mixtures  # noqa: E402
+from gradshield_ray.miniature import mixtures  # noqa: E402
 from gradshield_ray.config import GradShieldConfig, ScoreConfig  # noqa: E402
 from gradshield_ray.miniature.finetune import encode_all, is_refusal, run_epochs  # noqa: E402
 from gradshield_ray.miniature.aligned import building, cache_root, load, save_checkpoint  # noqa: E402
