@@ -99,3 +99,92 @@ def test_chunked_head_when_the_graph_starts_at_the_head(untied_model_dir, sample
     chunked = make_scorer(untied_model_dir, scope="regex:lm_head", normalize=normalize, verify_rows=0)
     chunked.cfg.score.max_batch_size = 4
     assert_close(chunked.score_encoded(enc, "hooks"), brute, rel=1e-6)
+
+
+# ---------------------------------------------------------------- the byte budget
+
+
+def gemma3_270m_config():
+    """Gemma-3-270M's text config (the shapes only; no weights are built)."""
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                            num_attention_heads=4, num_key_value_heads=1, head_dim=256)
+
+
+def test_default_budget_keeps_gemma_full_answer_rows_under_the_box():
+    """The case that was OOM-killed (issue 13): 1,024-token rows at token_budget 16384 on Gemma-3-270M. The old
+    default's 16 rows are estimated far over this 24 GiB box; the CPU default budget admits what fits in 4 GiB."""
+    from gradshield_ray import memory
+
+    cfg = gemma3_270m_config()
+    assert memory.activation_bytes(cfg, torch.float32, 16, 1024) > 24 * 2**30
+    budget = memory.default_budget_bytes(torch.device("cpu"))
+    assert budget <= 4 * 2**30
+    n = memory.rows_that_fit(cfg, torch.float32, budget, 1024)
+    assert n >= 1 and (n == 1 or memory.activation_bytes(cfg, torch.float32, n, 1024) <= budget)
+    assert memory.activation_bytes(cfg, torch.float32, n + 1, 1024) > budget or n == 1
+    # short rows pack many per batch; bf16 halves the per-token activations
+    assert memory.rows_that_fit(cfg, torch.float32, 4 * 2**30, 128) >= 4 * memory.rows_that_fit(
+        cfg, torch.float32, 4 * 2**30, 1024)
+    assert memory.rows_that_fit(cfg, torch.bfloat16, 4 * 2**30, 512) > memory.rows_that_fit(
+        cfg, torch.float32, 4 * 2**30, 512)
+
+
+def test_micro_batches_respect_max_rows():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from gradshield_ray.batching import micro_batches
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.integers(1, 300), min_size=1, max_size=80), st.integers(1, 20_000))
+    def check(lengths, per_row_cap):
+        fit = (lambda t: max(1, per_row_cap // t))  # rows of t tokens that fit: decreasing in t
+        batches = micro_batches(lengths, 10**9, 64, 1.0, fit)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        for b in batches:
+            assert len(b) <= fit(max(lengths[i] for i in b))
+
+    check()
+
+
+def test_memory_budget_changes_batches_not_scores(tiny_model_dir, sample_rows):
+    """A budget that admits one row per micro-batch scores exactly as the default batching does."""
+    wide = make_scorer(tiny_model_dir, verify_rows=0)
+    narrow = make_scorer(tiny_model_dir, verify_rows=0, memory_budget_mb=1)
+    enc = encode_all(wide, sample_rows)
+    assert narrow.max_rows(max(e.n_tokens for e in enc), "hooks") == 1
+    assert wide.max_rows(max(e.n_tokens for e in enc), "hooks") > len(enc)
+    a = wide.score_encoded(enc)
+    b = narrow.score_encoded(enc)
+    assert narrow.stats.padded_tokens == sum(e.n_tokens for e in enc) < wide.stats.padded_tokens
+    assert_close(b, a, rel=1e-6)
+
+
+def test_out_of_memory_halves_the_micro_batch(tiny_model_dir, sample_rows, monkeypatch):
+    """torch.OutOfMemoryError (a GPU's; none can be provoked on this CPU box, so _dots raises it for batches over
+    2 rows, as a device would) makes the scorer score the two halves: same scores, every row kept; a single row
+    that does not fit re-raises instead of being dropped."""
+    from gradshield_ray import scorer as scorer_mod
+
+    s = make_scorer(tiny_model_dir, verify_rows=0)
+    enc = encode_all(s, sample_rows)
+    expected = s.score_encoded(enc)
+    real = scorer_mod.FIHSScorer._dots
+    seen = []
+
+    def small_device(self, batch, method):
+        seen.append(batch.size)
+        if batch.size > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, batch, method)
+
+    monkeypatch.setattr(scorer_mod.FIHSScorer, "_dots", small_device)
+    got = s.score_encoded(enc)
+    assert s.stats.oom_splits > 0 and max(seen) > 2 and all(n <= 2 for n in seen[-3:])
+    assert_close(got, expected, rel=1e-6)
+    monkeypatch.setattr(scorer_mod.FIHSScorer, "_dots",
+                        lambda self, batch, method: (_ for _ in ()).throw(torch.OutOfMemoryError("one row")))
+    with pytest.raises(torch.OutOfMemoryError, match="one row"):
+        s.score_encoded(enc[:1])
