@@ -12,8 +12,9 @@ on θ₀ being safety-tuned). Each case runs in a fresh subprocess; its peak is 
 sampler). Cases:
 - before: the previous scorer: full logits (one head chunk, no checkpointing), micro-batches by token budget
   only. The default token_budget 16384 is not run (it was OOM-killed at 24 GB on this box; 16 rows × 1,024
-  positions); it runs at token_budget 2048, and its 16384 logits are extrapolated arithmetically.
-- chunked head: the chunked LM head alone, same token budget 2048, no byte budget.
+  positions); it runs at token_budget 1024 (one row per micro-batch: this box is shared, and 2 rows of the
+  old path come near what other jobs leave free), and its 16384 logits are extrapolated arithmetically.
+- chunked head: the chunked LM head alone at token budget 2048 (2 rows per micro-batch), no byte budget.
 - after: the defaults (token_budget 16384, chunked head, score.memory_budget_mb unset = auto).
 The printed estimate is memory.activation_bytes for the largest micro-batch each case ran.
 """
@@ -33,7 +34,7 @@ from benchmarks.fihs import rss_peak_mib
 
 MAX_TOKENS = 1024
 CASES = {  # name → (score overrides, LOGITS_CHUNK_BYTES or None for the default)
-    "before": ({"token_budget": 2048, "memory_budget_mb": 10**7}, 2**62),
+    "before": ({"token_budget": 1024, "memory_budget_mb": 10**7}, 2**62),
     "chunked head": ({"token_budget": 2048, "memory_budget_mb": 10**7}, None),
     "after": ({}, None),
 }
