@@ -1,6 +1,7 @@
 """Pad encoded examples into batches, and cut token-budget micro-batches from length-sorted rows."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -50,10 +51,11 @@ def collate(examples: list[Encoded], pad_id: int, padding_side: str = "right") -
 
 
 def micro_batches(lengths: list[int], token_budget: int, max_batch_size: int,
-                  max_padding: float = 1.0) -> list[list[int]]:
+                  max_padding: float = 1.0, max_rows: Callable[[int], int] | None = None) -> list[list[int]]:
     """Group row indices into micro-batches: sorted by length, each with batch_size × longest ≤
-    token_budget (a row longer than the budget goes alone) and padded positions ≤ max_padding of the
-    batch (a new batch starts when the next, longer row would pad the shorter ones past it)."""
+    token_budget (a row longer than the budget goes alone), batch_size ≤ max_rows(longest) (the rows of
+    that padded length that fit the memory budget; memory.rows_that_fit) and padded positions ≤ max_padding
+    of the batch (a new batch starts when the next, longer row would pad the shorter ones past it)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     out: list[list[int]] = []
     cur: list[int] = []
@@ -62,6 +64,7 @@ def micro_batches(lengths: list[int], token_budget: int, max_batch_size: int,
         longest = lengths[i]  # ascending order: the newcomer is the longest
         n = len(cur) + 1
         if cur and (n * longest > token_budget or len(cur) >= max_batch_size
+                    or (max_rows is not None and n > max_rows(longest))
                     or 1 - (real + longest) / (n * longest) > max_padding):
             out.append(cur)
             cur, real = [], 0

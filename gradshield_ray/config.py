@@ -94,6 +94,10 @@ class ScoreConfig(_Section):
     # Score only the first K tokens of each assistant turn (None: every answer token, the paper's loss).
     answer_tokens: int | None = Field(1, gt=0)
     token_budget: int = Field(16384, gt=0)  # padded tokens per micro-batch
+    # bytes a micro-batch may use beyond the model and v, against an estimate from the model config (hidden
+    # size, layers, heads, vocabulary, dtype, method; gradshield_ray/memory.py); None: 70% of the GPU's free
+    # memory, or on a CPU a quarter of the available memory, at most 4 GiB. On a GPU an OOM still halves the batch.
+    memory_budget_mb: int | None = Field(None, gt=0)
     max_batch_size: int = Field(64, gt=0)
     # v's exact low-rank form V = AᵀB (K = probe tokens) for Linear weights: "auto" uses it where
     # K·(in+out) < in·out (wide layers, few probe tokens); "always"/"never" force it (tests, debugging)

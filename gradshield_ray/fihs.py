@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from gradshield_ray.batching import Batch
-from gradshield_ray.loss import per_example_loss
+from gradshield_ray.loss import at_least_fp32 as _f32, per_example_loss
 
 Params = dict[str, torch.nn.Parameter]
 Direction = dict[str, torch.Tensor]
@@ -120,7 +120,7 @@ def vmap_grad(model, params: Params, v: Direction, batch: Batch, cosine: bool, c
         logits = functional_call(model, ps, (), {"input_ids": ids[None], "use_cache": False}).logits[0]
         if cap:
             logits = torch.tanh(logits / cap) * cap
-        ce = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none")
+        ce = F.cross_entropy(_f32(logits), labels.clamp(min=0), reduction="none")
         m = (labels != -100).to(ce.dtype)
         return (ce * m).sum() / m.sum()
 
@@ -248,10 +248,6 @@ def _self_sqnorm(f) -> torch.Tensor:
     return _inner(f, f)
 
 
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
-
-
 def _embedding_scale(mod: torch.nn.Embedding) -> float | None:
     """The constant s with mod(ids) = s · W[ids], or None when the forward is not known to have that form
     (the module then goes through the generic vmap path, which is exact for any forward). nn.Embedding has
@@ -278,12 +274,15 @@ class HookScorer:
         self.use_factors = use_factors
         self._casts: dict = {}
         self.targets: list[tuple[torch.nn.Module, list[tuple[str, torch.nn.Parameter]]]] = []
-        self.uses: Counter[int] = Counter()
         for _, module in model.named_modules():
             own = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) in self.v]
             if own:
                 self.targets.append((module, own))
-                self.uses.update(id(p) for _, p in own)
+        # forward calls per parameter in this batch: a tied matrix is used twice, and the chunked LM head
+        # (loss.per_example_loss) calls the head once per chunk; calls made while the backward recomputes
+        # a checkpointed chunk are not uses (their outputs get no gradient)
+        self.uses: Counter[int] = Counter()
+        self._in_backward = False
         self._dots: torch.Tensor | None = None
         self._sq: torch.Tensor | None = None
         self._pending: dict[int, list] = {}
@@ -310,6 +309,8 @@ class HookScorer:
                 return None
             x = args[0] if args else next(iter(kwargs.values()))
             B = out.shape[0]
+            if not self._in_backward:
+                self.uses.update(id(p) for p in names.values())
             if not out.requires_grad:  # nothing scoped upstream: the graph starts here
                 out = out.detach().requires_grad_(True)
             if isinstance(mod, torch.nn.Linear):
@@ -450,11 +451,16 @@ class HookScorer:
         self._dots = torch.zeros(batch.size, dtype=torch.float64, device=dev)
         self._sq = torch.zeros(batch.size, dtype=torch.float64, device=dev)
         self._pending, self._deferred = {}, []
+        self.uses.clear()
         with self.attached(), torch.enable_grad():
             loss = per_example_loss(self.model, batch)
             if not loss.requires_grad:
                 raise RuntimeError("no scoped parameter influences the loss")
-            loss.sum().backward()
+            self._in_backward = True
+            try:
+                loss.sum().backward()
+            finally:
+                self._in_backward = False
         for job in self._deferred:
             job()
         self._deferred = []

@@ -104,6 +104,7 @@ def run_score(cfg: GradShieldConfig, scorer=None) -> dict[str, Any]:
         report.write_json({"harmful": can.harmful.tolist(), "benign": can.benign.tolist()}, out / CANARIES)
     return {"rows": done, "files": len(files), "seconds": time.perf_counter() - t0,
             "tokens": scorer.stats.tokens, "padded_tokens": scorer.stats.padded_tokens,
+            "memory_budget_mb": scorer.budget_bytes / 2**20, "oom_splits": scorer.stats.oom_splits,
             "proxy": {"S_theta0": scorer.s0, "v_norm": scorer.v_norm, "n_probes": scorer.n_probes,
                       "comply_id": scorer.comply_id, "refuse_id": scorer.refuse_id}}
 

@@ -4,13 +4,14 @@ This is the object a Ray Data actor holds; it knows nothing about Ray or files.
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from gradshield_ray import fihs
+from gradshield_ray import fihs, memory
 from gradshield_ray.batching import collate, micro_batches
 from gradshield_ray.config import GradShieldConfig
 from gradshield_ray.model import load_model, pad_id
@@ -29,6 +30,7 @@ class ScoreStats:
     tokens: int = 0  # of the rows as given (with score.answer_tokens only a prefix of each is computed)
     padded_tokens: int = 0  # positions actually computed, padding included
     seconds: float = 0.0
+    oom_splits: int = 0  # micro-batches halved after torch.OutOfMemoryError (GPU)
 
 
 class FIHSScorer:
@@ -56,9 +58,21 @@ class FIHSScorer:
         factors = capture.result() if sc.v_factors != "never" else None
         self.hooks = fihs.HookScorer(self.model, self.params, self.v, sc.normalize == "cosine", factors,
                                      sc.v_factors)
+        self.budget_bytes = (sc.memory_budget_mb * 2**20 if sc.memory_budget_mb
+                             else memory.default_budget_bytes(self.device))
         self.stats = ScoreStats()
         if sc.verify_rows:
             self.verify(self._verification_rows(prompts[: sc.verify_rows]))
+
+    @functools.lru_cache(maxsize=4096)
+    def max_rows(self, tokens: int, method: str) -> int:
+        """Rows of `tokens` padded positions per micro-batch within the memory budget (memory.rows_that_fit)."""
+        head = self.model.get_output_embeddings().weight
+        head_norms = (method == "hooks" and self.cfg.score.normalize == "cosine"
+                      and any(p is head for p in self.params.values()))
+        dtype = next(iter(self.params.values())).dtype
+        return memory.rows_that_fit(self.model.config, dtype, self.budget_bytes, tokens, method,
+                                    sum(p.numel() for p in self.params.values()), head_norms)
 
     def set_direction(self, v: dict[str, torch.Tensor]) -> None:
         """Score against another reference direction over the same scope (benchmarks that compare proxies);
@@ -91,13 +105,10 @@ class FIHSScorer:
             encoded = [e.opening(sc.answer_tokens) for e in encoded]
         out = np.empty(len(encoded), dtype=np.float64)
         t0 = time.perf_counter()
+        fit = functools.partial(self.max_rows, method=method)
         for idx in micro_batches([e.n_tokens for e in encoded], sc.token_budget, sc.max_batch_size,
-                                 sc.max_padding):
-            group = [encoded[i] for i in idx]
-            batch = collate(group, self.pad, sc.padding_side).to(self.device)
-            dots, sq = self._dots(batch, method)
-            out[idx] = fihs.finalize(dots, sq, self.v_norm)
-            self.stats.padded_tokens += batch.input_ids.numel()
+                                 sc.max_padding, fit):
+            self._score_group(encoded, idx, method, out)
         self.stats.seconds += time.perf_counter() - t0
         self.stats.rows += len(encoded)
         self.stats.tokens += input_tokens
@@ -119,6 +130,26 @@ class FIHSScorer:
                             benign=scores(canaries.benign_canaries()))
         finally:
             self.stats = stats
+
+    def _score_group(self, encoded: list[Encoded], idx: list[int], method: str, out: np.ndarray) -> None:
+        """Score one micro-batch into out[idx]; on a GPU out-of-memory error, free the cache and score the
+        two halves instead (exact either way: rows never interact). One row that does not fit re-raises."""
+        batch = collate([encoded[i] for i in idx], self.pad, self.cfg.score.padding_side).to(self.device)
+        try:
+            dots, sq = self._dots(batch, method)
+        except torch.OutOfMemoryError:
+            if len(idx) == 1:
+                raise
+            del batch
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.stats.oom_splits += 1
+            half = len(idx) // 2
+            self._score_group(encoded, idx[:half], method, out)
+            self._score_group(encoded, idx[half:], method, out)
+            return
+        out[idx] = fihs.finalize(dots, sq, self.v_norm)
+        self.stats.padded_tokens += batch.input_ids.numel()
 
     # ---------------------------------------------------------------- verification
     def _verification_rows(self, prompts: list[str]) -> list[Encoded]:
