@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e ".[ray,train,test]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[test]"  # the test extra pulls ray and train too
 	touch $(STAMP)
 
 .PHONY: install demo test bench

@@ -51,21 +51,9 @@ def untied_model_dir(tmp_path_factory):
 def tiny_gemma3_dir(tmp_path_factory):
     """A random-init Gemma-3 text model: a scaled word embedding (out = sqrt(hidden) · W[ids]), logit
     soft-capping, q/k norms, alternating sliding-window layers."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    from gradshield_ray.miniature.testing import save_tiny_model
 
-    from gradshield_ray.miniature.testing import build_tokenizer
-
-    tok = build_tokenizer()
-    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=16,
-                           final_logit_softcapping=30.0, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                           eos_token_id=tok.eos_token_id, attn_implementation="eager")
-    torch.manual_seed(0)
-    model = Gemma3ForCausalLM(cfg).eval()
-    path = tmp_path_factory.mktemp("gemma3")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return str(save_tiny_model(tmp_path_factory.mktemp("gemma3"), seed=0, arch="gemma3"))
 
 
 def chat(prompt: str, response: str) -> list[dict[str, str]]:

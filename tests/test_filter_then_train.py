@@ -35,12 +35,6 @@ def _env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def ray_local(ray_local):
-    pytest.importorskip("deepspeed", reason="the train extra (deepspeed) is not installed")
-    yield
-
-
-@pytest.fixture(scope="module")
 def s3():
     with s3_bucket("corpus") as s:
         yield s

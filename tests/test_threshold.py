@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -12,17 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from benchmarks.threshold_shapes import HEAVY_TAILED_BENIGN, Sampler, far_spread, run
 from gradshield_ray.summary import ScoreSummary
-from gradshield_ray.threshold import POLICIES, ThresholdConfig, ThresholdDecision, decide
-
-Sampler = Callable[[np.random.Generator, int], np.ndarray]
-
-
-def run(x: np.ndarray, **cfg: object) -> ThresholdDecision:
-    # summarise in 4 chunks merged in reverse, as the distributed reduce would
-    parts = [ScoreSummary.from_values(c) for c in np.array_split(x, 4)]
-    return decide(ScoreSummary.merge_all(reversed(parts)), ThresholdConfig(**cfg))
-
+from gradshield_ray.threshold import POLICIES, ThresholdConfig, decide
 
 def mix(rng: np.random.Generator, n: int, w: float, high: Sampler, low: Sampler) -> tuple[np.ndarray, np.ndarray]:
     is_high = rng.random(n) < w
@@ -40,22 +31,6 @@ def test_single_gaussian_removes_at_most_2pct(loc: float, scale: float, seed: in
     assert (x > d.tau).mean() <= 0.02
 
 
-HEAVY_TAILED_BENIGN: dict[str, Sampler] = {
-    "t3": lambda r, n: r.standard_t(3, n),
-    "t3 x1e-3": lambda r, n: 1e-3 * r.standard_t(3, n),
-    "t3 x100 + 50": lambda r, n: 50 + 100 * r.standard_t(3, n),
-    # narrow spike + wide component at the same centre
-    "spike+wide": lambda r, n: np.where(r.random(n) < 0.2, r.normal(0, 1, n), r.normal(0, 0.1, n)),
-    "spike+wide x1e-4 + 1e-3": lambda r, n: 1e-3 + 1e-4 * np.where(r.random(n) < 0.3, r.normal(0, 1, n),
-                                                                     r.normal(0, 0.05, n)),
-    # one-sided: spike + one-sided tail (asinh makes this look like a separate bump)
-    "spike+halfnormal": lambda r, n: np.where(r.random(n) < 0.3, np.abs(r.normal(0, 1, n)), r.normal(0, 0.05, n)),
-    "spike+exponential": lambda r, n: np.where(r.random(n) < 0.3, r.exponential(1, n), r.normal(0, 0.05, n)),
-    "|t3|": lambda r, n: np.abs(r.standard_t(3, n)),
-    "lognormal (raw dot products)": lambda r, n: r.lognormal(-2, 2, n),
-}
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("name", list(HEAVY_TAILED_BENIGN))
 def test_spike_with_heavy_tail_is_not_a_harmful_population(name: str, seed: int) -> None:
@@ -67,7 +42,8 @@ def test_spike_with_heavy_tail_is_not_a_harmful_population(name: str, seed: int)
 
 def test_small_benign_corpora_rarely_look_harmful() -> None:
     """Small corpora are noisy: a benign shape can show a chance dip. Measured rate with the two-scale dip
-    test: 3 of 900 (n = 200 and 1000, seeds 1000-1049); here 360 corpora, at most 2% may fire."""
+    test: 3 of 900 (n = 200 and 1000, seeds 1000-1049; benchmarks/threshold_shapes.py); here 360 corpora,
+    at most 2% may fire."""
     fires = 0
     for name, sampler in HEAVY_TAILED_BENIGN.items():
         for n in (200, 1000):
@@ -134,14 +110,6 @@ def test_harmful_cluster_is_recovered(name: str, n: int) -> None:
     assert d.evidence["expected_removed"] == pytest.approx(removed.sum(), rel=0.05, abs=5)
 
 
-def far_spread(weight: float, seed: int, n: int = 200) -> tuple[np.ndarray, int]:
-    """The shape first-token FIHS gives on the miniature (docs/efficacy.md): benign scores O(1), harmful
-    scores 1e3-1e4 spread over a decade; the harmful rows are the last k."""
-    rng = np.random.default_rng(seed)
-    k = round(n * weight)
-    return np.concatenate([rng.normal(0, 1, n - k), np.exp(rng.normal(np.log(8000), 0.6, k))]), k
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("weight", [0.10, 0.30])
 def test_few_far_spread_harmful_rows_in_a_small_corpus_are_recovered(weight: float, seed: int) -> None:
@@ -154,7 +122,8 @@ def test_few_far_spread_harmful_rows_in_a_small_corpus_are_recovered(weight: flo
 
 
 def test_ten_far_spread_harmful_rows_are_usually_recovered() -> None:
-    """10 harmful rows in 200 are at the edge of what a dip test can see: measured 26 of 30 seeds."""
+    """10 harmful rows in 200 are at the edge of what a dip test can see: 26 of 30 seeds
+    (benchmarks/threshold_shapes.py, which counts all 90 far-spread corpora)."""
     found = sum(run(far_spread(0.05, seed)[0]).evidence["branch"] == "harmful_population" for seed in range(30))
     assert found >= 24, found
 

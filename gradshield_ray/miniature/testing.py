@@ -1,5 +1,5 @@
-"""Tiny chat models built locally (no model hub): a byte-level BPE tokenizer with a chat template and a
-random-init Llama. Tests, the demo and the benchmarks share these builders.
+"""Tiny chat models built locally (no model hub): a byte-level BPE tokenizer with a chat template and
+random-init Llama, Gemma-3 and Qwen2-style models. Tests, the demo and the benchmarks share these builders.
 """
 from __future__ import annotations
 
@@ -97,11 +97,45 @@ def build_tiny_llama(
     return model
 
 
-def save_tiny_model(path: str | Path, seed: int = 0, **kwargs) -> Path:
-    """Build and save a tokenizer + tiny Llama to `path` (a directory that from_pretrained loads)."""
+def _special_ids(tokenizer) -> dict:
+    return {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id}
+
+
+def build_tiny_gemma3(tokenizer, seed: int = 0, final_logit_softcapping: float = 30.0, **config_overrides):
+    """A random-init Gemma-3 text model: a scaled word embedding (out = sqrt(hidden) · W[ids]), a head tied to
+    it, logit soft-capping, q/k norms, alternating sliding-window layers; eager attention."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=16,
+                           final_logit_softcapping=final_logit_softcapping, tie_word_embeddings=True,
+                           attn_implementation="eager", **_special_ids(tokenizer), **config_overrides)
+    torch.manual_seed(seed)
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+def build_tiny_qwen2(tokenizer, seed: int = 0, **config_overrides):
+    """A random-init Qwen2-style model: biases on q/k/v (none on o or the MLP), an untied LM head; eager."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      tie_word_embeddings=False, attn_implementation="eager", **_special_ids(tokenizer),
+                      **config_overrides)
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+BUILDERS = {"llama": build_tiny_llama, "gemma3": build_tiny_gemma3, "qwen2": build_tiny_qwen2}
+
+
+def save_tiny_model(path: str | Path, seed: int = 0, arch: str = "llama", **kwargs) -> Path:
+    """Build and save a tokenizer + tiny model (`arch`: llama, gemma3 or qwen2) to `path` (a directory that
+    from_pretrained loads)."""
     path = Path(path)
     tokenizer = build_tokenizer()
-    model = build_tiny_llama(tokenizer, seed=seed, **kwargs)
+    model = BUILDERS[arch](tokenizer, seed=seed, **kwargs)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
