@@ -29,21 +29,31 @@ def row_id(rel: str, index: int) -> str:
 
 @dataclass(frozen=True)
 class Unit:
-    """One row group of one input file: the unit of scheduling, commit and resume."""
+    """One row group of one input file, or a range of at most ray.unit_rows rows of it: the unit of
+    scheduling, commit and resume."""
 
     path: str  # filesystem path of the input file
     rel: str  # path relative to the input root (names the outputs)
     row_group: int
     offset: int  # index of the unit's first row within its file
     n_rows: int
+    start: int = 0  # index of the unit's first row within its row group
+    part_of_group: bool = False  # a row range of a row group larger than ray.unit_rows
 
     @property
     def key(self) -> str:
-        return f"{self.rel}/rg-{self.row_group:05d}"
+        rg = f"{self.rel}/rg-{self.row_group:05d}"
+        return f"{rg}-r{self.start:010d}" if self.part_of_group else rg
 
     @property
     def marker_name(self) -> str:
+        """The name of the unit's commit marker in the layout of earlier versions (read on resume)."""
         return hashlib.sha1(self.key.encode()).hexdigest()[:20] + ".json"
+
+
+def split_rows(n: int, unit_rows: int) -> list[tuple[int, int]]:
+    """(start, rows) ranges of at most unit_rows covering n rows; [(0, n)] when n fits."""
+    return [(s, min(unit_rows, n - s)) for s in range(0, n, unit_rows)] or [(0, 0)]
 
 
 @dataclass(frozen=True)
@@ -136,7 +146,10 @@ def list_units(cfg: GradShieldConfig, listing: InputListing | None = None) -> li
             out, off = [], 0
             for k in range(md.num_row_groups):
                 n = md.row_group(k).num_rows
-                out.append(dict(path=path, rel=rel, row_group=k, offset=off, n_rows=n))
+                ranges = split_rows(n, cfg.ray.unit_rows)
+                for start, rows in ranges:
+                    out.append(dict(path=path, rel=rel, row_group=k, offset=off + start, n_rows=rows, start=start,
+                                    part_of_group=len(ranges) > 1))
                 off += n
             return out
 

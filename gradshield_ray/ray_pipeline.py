@@ -22,9 +22,12 @@ before the first unit commits, so a prefix holds a run identity exactly when it 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
+import resource
 import time
+from collections import defaultdict
 from dataclasses import asdict
 from typing import Any
 
@@ -32,18 +35,19 @@ from gradshield_ray import faults as fault
 from gradshield_ray import report, storage
 from gradshield_ray.config import GradShieldConfig
 from gradshield_ray.errors import DatasetFailed, RunError  # noqa: F401  (re-exported for callers)
-from gradshield_ray.ledger import Ledger, check_output, verify_splits
+from gradshield_ray.ledger import Ledger, SplitLedger, check_output, unit_groups, verify_splits
 from gradshield_ray.ledger import differences as _differences  # noqa: F401  (re-exported for tests)
 from gradshield_ray.ledger import run_identity  # noqa: F401  (re-exported)
 from gradshield_ray.listing import InputListing, Unit, list_input, list_units
 from gradshield_ray.model import check_weights
 from gradshield_ray.stages import (
-    SPLITS, UnitScoreActor, aggregate_parts, iter_rows, read_render, split_part, storage_json, write_parts,
+    SPLITS, UnitScoreActor, aggregate_parts, iter_rows, read_render, split_group, storage_json, write_parts,
 )
 from gradshield_ray.summary import ScoreSummary
 from gradshield_ray.threshold import ThresholdDecision, decide
 
 log = logging.getLogger("gradshield_ray")
+NODE_FIELDS = ("rows_rendered", "rows_scored", "model_loads")  # report.json `nodes`, per Ray node id
 
 
 def preflight(cfg: GradShieldConfig) -> None:
@@ -83,68 +87,74 @@ def _committed(fs, manifest_path: str, cfg: GradShieldConfig) -> dict[str, Any] 
     return None
 
 
-def pass1(cfg: GradShieldConfig, units: list[Unit], ledger: Ledger, faults: fault.Faults) -> dict[str, int]:
-    """Score every unit without a commit marker; commit each unit once all its parts are written."""
+def _progress(stats: dict[str, int], to_score: int, t1: float, last: list[float]) -> None:
+    """A progress line at most every 5 s (O(1) per commit: no per-unit sums)."""
+    now = time.perf_counter()
+    if now - last[0] < 5 or not log.isEnabledFor(logging.INFO):
+        return
+    last[0] = now
+    rate = stats["rows"] / max(now - t1, 1e-9)
+    log.info("scored %d/%d rows, %d tokens (%.1f rows/s, ETA %.0fs)", stats["rows"], to_score, stats["tokens"],
+             rate, (to_score - stats["rows"]) / max(rate, 1e-9))
+
+
+def pass1(cfg: GradShieldConfig, units: list[Unit], ledger: Ledger, faults: fault.Faults,
+          nodes: dict[str, dict[str, int]]) -> tuple[dict[str, int], dict[str, int]]:
+    """Score every unit not committed; one scored file per unit, committed in batches. Returns the rows and
+    tokens scored in this attempt and the sizes of every committed scored file."""
     import ray
 
-    fs, out_root = ledger.fs, ledger.out_root
     pending = [u for u in units if u.key not in ledger.done]
     log.info("pass 1: %d units (%d rows); %d already committed, %d to score", len(units),
              sum(u.n_rows for u in units), len(units) - len(pending), len(pending))
+    sizes = ledger.cleanup(pending)  # one listing; files of a dead attempt's uncommitted units go
     stats = {"rows": 0, "tokens": 0}
     if not pending:
-        return stats
-    for u in pending:  # partial parts of an interrupted attempt: remove, then rescore the whole unit
-        storage.delete_dir(fs, storage.join(out_root, "scored", u.key))
+        return stats, sizes
     by_key = {u.key: u for u in pending}
-    # parts by first offset: a part reported twice (a retried task rewrote the same object) counts once
-    cover: dict[str, dict[int, dict]] = {u.key: {} for u in pending}
     sj, cj = storage_json(cfg), cfg.model_dump_json(exclude={"storage"})
-    ds = ray.data.from_items([asdict(u) for u in pending], override_num_blocks=len(pending))
+    lo, hi = cfg.ray.pool_size()
+    # a few blocks of unit descriptors (not one per unit): the driver puts O(units / 64) blocks
+    ds = ray.data.from_items([asdict(u) for u in pending],
+                             override_num_blocks=min(len(pending), max(16, -(-len(pending) // 64))))
     ds = ds.map_batches(read_render, batch_size=1, batch_format="pyarrow",
                         fn_kwargs=dict(input_uri=cfg.input, storage_json=sj, cfg_json=cj),
                         num_cpus=cfg.ray.render_num_cpus)
     ds = ds.map_batches(UnitScoreActor, batch_size=1, batch_format="pyarrow",
                         fn_constructor_kwargs=dict(cfg=cj, faults=faults),
-                        compute=ray.data.ActorPoolStrategy(size=cfg.ray.num_actors),
+                        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
                         num_gpus=cfg.ray.num_gpus_per_actor, num_cpus=cfg.ray.num_cpus_per_actor)
     ds = ds.map_batches(write_parts, batch_size=None, batch_format="pyarrow",
                         fn_kwargs=dict(output_uri=cfg.output, storage_json=sj, faults=faults), num_cpus=0.25)
-    to_score = sum(u.n_rows for u in pending)
-    t1 = time.perf_counter()
-    rows, ds = iter_rows(ds), None  # only the generator holds the dataset (see iter_rows)
-    for row in rows:
-        u = by_key[row["unit"]]
-        if u.key in ledger.done:  # a retried task reported a part of a unit committed in this attempt again
-            if row["path"] not in ledger.done[u.key]["parts"]:
-                raise RunError(f"unit {u.key}: part {row['path']} reported after the unit committed")
-            continue
-        prev = cover[u.key].get(row["first"])
-        if prev is not None:
-            if (prev["last"], prev["n"], prev["path"]) != (row["last"], row["n"], row["path"]):
-                raise RunError(f"unit {u.key}: two different parts start at row {row['first']}")
-            continue
-        cover[u.key][row["first"]] = row
-        stats["rows"] += row["n"]
-        stats["tokens"] += row["tokens"]
-        got = sum(r["n"] for r in cover[u.key].values())
-        if got == u.n_rows:
-            rng = sorted((r["first"], r["last"]) for r in cover[u.key].values())
-            if rng[0][0] != u.offset or any(b[0] != a[1] + 1 for a, b in zip(rng, rng[1:])):
-                raise RunError(f"unit {u.key}: parts do not tile its rows: {rng}")
-            ledger.commit(u, list(cover.pop(u.key).values()))
-        elif got > u.n_rows:
-            raise RunError(f"unit {u.key}: {got} rows written for {u.n_rows} input rows")
-        rate = stats["rows"] / max(time.perf_counter() - t1, 1e-9)
-        log.info("scored %d/%d rows, %d tokens (%.1f rows/s, ETA %.0fs)", stats["rows"], to_score,
-                 stats["tokens"], rate, (to_score - stats["rows"]) / rate)
-    return stats
+    to_score, t1, last = sum(u.n_rows for u in pending), time.perf_counter(), [time.perf_counter()]
+    ledger.start(len(pending))
+    try:
+        rows, ds = iter_rows(ds), None  # only the generator holds the dataset (see iter_rows)
+        for row in rows:
+            u = by_key[row["unit"]]
+            nodes[row["score_node"]]["model_loads"] += row["loads"]  # before the retry check: a retry's actor
+            if u.key in ledger.done:  # a retried task reported a unit committed in this attempt again
+                continue
+            if row["n"] != u.n_rows or (u.n_rows and (row["first"], row["last"]) != (u.offset, u.offset + u.n_rows - 1)):
+                raise RunError(f"unit {u.key}: rows {row['first']}..{row['last']} ({row['n']}) written for its "
+                               f"{u.n_rows} input rows from {u.offset}")
+            ledger.commit(u, row["bytes"], ScoreSummary.from_dict(json.loads(row["summary"])))
+            sizes[row["path"]] = row["bytes"]
+            stats["rows"] += row["n"]
+            stats["tokens"] += row["tokens"]
+            nodes[row["render_node"]]["rows_rendered"] += row["n"]
+            nodes[row["score_node"]]["rows_scored"] += row["n"]
+            _progress(stats, to_score, t1, last)
+    finally:
+        ledger.close()  # what is committed stays committed, even when the dataset failed
+    return stats, sizes
 
 
-def reduce(cfg: GradShieldConfig, units: list[Unit], ledger: Ledger) -> tuple[ThresholdDecision, ScoreSummary]:
-    """τ from the merged summaries of every committed unit; units committed by a version that kept no
-    summary in the marker are reduced from their parts' fihs column instead."""
-    legacy = sorted(p for u in units if ledger.done[u.key]["legacy"] for p in ledger.done[u.key]["parts"])
+def reduce(cfg: GradShieldConfig, ledger: Ledger) -> tuple[ThresholdDecision, ScoreSummary]:
+    """τ from the merged summaries of every committed unit; units whose summary is unknown (committed by
+    a version that kept none, or in a batch shared with units of another input) are reduced from their
+    scored files' fihs column instead."""
+    legacy = sorted(p for k in ledger.legacy for p in ledger.files(k))
     summary = ledger.scores.merge(aggregate_parts(legacy, ledger.fs)) if legacy else ledger.scores
     decision = decide(summary, cfg.threshold)
     log.info("threshold: tau=%.6g (%s)", decision.tau, decision.policy)
@@ -154,30 +164,44 @@ def reduce(cfg: GradShieldConfig, units: list[Unit], ledger: Ledger) -> tuple[Th
     return decision, summary
 
 
-def pass2(cfg: GradShieldConfig, parts: list[str], tau: float, fs, out_root: str,
-          faults: fault.Faults) -> dict[str, int]:
-    """Split every committed part by τ; redone whole until the manifest exists. A report left by an
-    attempt that died before its manifest is removed first, so no report outlives its attempt."""
+def pass2(cfg: GradShieldConfig, units: list[Unit], ledger: Ledger, sizes: dict[str, int], tau: float,
+          faults: fault.Faults) -> tuple[dict[str, int], list[dict], dict[str, int]]:
+    """Split the committed scored files by τ, in groups of about output_files.target_file_bytes, one
+    output file per split and group. Resumable: groups are committed in batches, and a rerun under the
+    same τ splits only the others. A report left by an attempt that died before its manifest is removed
+    first, so no report outlives its attempt. Returns counts, the output files, and what was redone."""
     import ray
 
+    fs, out_root = ledger.fs, ledger.out_root
     report_path = storage.join(out_root, "report.json")
     if storage.exists(fs, report_path):
         fs.delete_file(report_path)
-    for name in SPLITS:
-        storage.delete_dir(fs, storage.join(out_root, name))
-    split = ray.data.from_items([{"path": p} for p in parts], override_num_blocks=max(1, min(len(parts), 1000)))
-    split = split.map_batches(split_part, batch_size=16, batch_format="pyarrow", num_cpus=0.5,
-                              fn_kwargs=dict(output_uri=cfg.output, storage_json=storage_json(cfg), tau=tau,
-                                             faults=faults))
-    by_part: dict[str, dict] = {}
-    rows, split = iter_rows(split), None
-    for row in rows:
-        prev = by_part.setdefault(row["path"], row)  # a retried split task reports its part again
-        if any(prev[k] != row[k] for k in SPLITS):
-            raise RunError(f"part {row['path']} was split twice with different counts")
-    if set(by_part) != set(parts):
-        raise RunError(f"pass 2 split {len(by_part)} of {len(parts)} parts")
-    return {k: sum(r[k] for r in by_part.values()) for k in SPLITS}
+    target = cfg.output_files.target_file_bytes
+    groups = unit_groups([u.key for u in units], {u.key: ledger.files(u.key) for u in units}, sizes, target)
+    split_ledger = SplitLedger(fs, out_root)
+    done = split_ledger.begin(tau, groups, target)
+    todo = [{"gid": gid, "parts": g} for gid, g in enumerate(groups) if gid not in done]
+    try:
+        if todo:
+            ds = ray.data.from_items(todo, override_num_blocks=min(len(todo), 10_000))
+            ds = ds.map_batches(split_group, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
+                                fn_kwargs=dict(output_uri=cfg.output, storage_json=storage_json(cfg), tau=tau,
+                                               faults=faults))
+            rows, ds = iter_rows(ds), None
+            for row in rows:
+                got = {"files": json.loads(row["files"]), "counts": {k: row[k] for k in SPLITS}}
+                prev = done.setdefault(row["gid"], got)  # a retried split task reports its group again
+                if prev is got:
+                    split_ledger.commit(row["gid"], got["files"], got["counts"])
+                elif prev["counts"] != got["counts"]:
+                    raise RunError(f"group {row['gid']} was split twice with different counts")
+    finally:
+        split_ledger.close()
+    if len(done) != len(groups):
+        raise RunError(f"pass 2 split {len(done)} of {len(groups)} groups")
+    counts = {k: sum(g["counts"][k] for g in done.values()) for k in SPLITS}
+    files = [f for gid in sorted(done) for f in done[gid]["files"]]
+    return counts, files, {"groups": len(groups), "groups_split_this_attempt": len(todo)}
 
 
 def finalize(cfg: GradShieldConfig, fs, out_root: str, counts: dict[str, int], decision: ThresholdDecision,
@@ -193,6 +217,7 @@ def finalize(cfg: GradShieldConfig, fs, out_root: str, counts: dict[str, int], d
     outputs["histogram"] = storage.join(cfg.output, "histogram.png")
     rep = report.run_report(cfg, counts, decision, summary, scoring, outputs)
     rep["inputs"] = listing.report()
+    rep.update({k: v for k, v in extra.items() if k != "files"})
     png = io.BytesIO()
     report.histogram_png(summary, decision.tau, png)
     storage.write_bytes(fs, storage.join(out_root, "histogram.png"), png.getvalue())
@@ -203,35 +228,44 @@ def finalize(cfg: GradShieldConfig, fs, out_root: str, counts: dict[str, int], d
 
 
 def run_pipeline(cfg: GradShieldConfig) -> dict[str, Any]:
-    """Pass 1 (score, resumable) → reduce (τ) → pass 2 (split) → manifest.json last."""
+    """Pass 1 (score, resumable) → reduce (τ) → pass 2 (split, resumable) → manifest.json last."""
     if not cfg.input or not cfg.output:
         raise RunError("input and output must both be set")
+    cpu0, t0 = time.process_time(), time.perf_counter()
     preflight(cfg)
     has_identity = check_output(cfg)
     fs, out_root = storage.filesystem(cfg.output, cfg.storage)
     committed = _committed(fs, storage.join(out_root, "manifest.json"), cfg)
     if committed is not None:
         return committed
-    t0 = time.perf_counter()
     listing = list_input(cfg)
     units = list_units(cfg, listing)  # before Ray starts: an unusable file fails in seconds
     _ray_init()
     faults = fault.from_env()
     ledger = Ledger(fs, out_root, cfg, has_identity)
     ledger.load(units)  # committed units (a rerun's resume state), summaries merged while read
+    phases = {"listing": time.perf_counter() - t0}
+    nodes: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(NODE_FIELDS, 0))
 
-    stats = pass1(cfg, units, ledger, faults)
+    t = time.perf_counter()
+    stats, sizes = pass1(cfg, units, ledger, faults, nodes)
     missing = [u.key for u in units if u.key not in ledger.done]
     if missing:
         raise RunError(f"{len(missing)} units were not committed (first: {missing[0]})")
-    parts = sorted(p for u in units for p in ledger.done[u.key]["parts"])
-    decision, summary = reduce(cfg, units, ledger)
-    counts = pass2(cfg, parts, decision.tau, fs, out_root, faults)
+    phases["pass1"], t = time.perf_counter() - t, time.perf_counter()
+    decision, summary = reduce(cfg, ledger)
+    phases["reduce"], t = time.perf_counter() - t, time.perf_counter()
+    counts, files, split_info = pass2(cfg, units, ledger, sizes, decision.tau, faults)
     counts["input"] = sum(u.n_rows for u in units)
-    verify_splits(fs, out_root, parts)
+    verify_splits(fs, out_root, files)
+    phases["pass2"] = time.perf_counter() - t
 
     scoring = {"rows_scored_this_attempt": stats["rows"], "tokens_scored_this_attempt": stats["tokens"],
-               "units": len(units), "seconds": time.perf_counter() - t0}
-    scored = storage.join(out_root, "scored")
-    kept = [storage.join(cfg.output, "kept", p[len(scored) + 1:]) for p in parts]
-    return finalize(cfg, fs, out_root, counts, decision, summary, scoring, listing, {"kept_parts": kept})
+               "units": len(units), "seconds": time.perf_counter() - t0, "phases": phases, **split_info,
+               "driver": {"cpu_s": time.process_time() - cpu0,
+                          "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}
+    uri = lambda p: cfg.output.rstrip("/") + p[len(out_root):]  # noqa: E731
+    out_files = {s: [{**{k: f[k] for k in ("rows", "bytes", "sha256")}, "path": uri(f["path"])}
+                     for f in files if f["split"] == s] for s in SPLITS}
+    return finalize(cfg, fs, out_root, counts, decision, summary, scoring, listing,
+                    {"nodes": dict(nodes), "files": out_files, "kept_parts": [f["path"] for f in out_files["kept"]]})

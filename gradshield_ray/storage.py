@@ -142,6 +142,12 @@ def list_files(fs: pafs.FileSystem, root: str, suffix: str = "") -> list[str]:
     return sorted(i.path for i in fs.get_file_info(sel) if i.type == pafs.FileType.File and i.path.endswith(suffix))
 
 
+def list_infos(fs: pafs.FileSystem, root: str) -> list[pafs.FileInfo]:
+    """FileInfo (path, size) of every file under root, from one recursive listing; [] when root is missing."""
+    sel = pafs.FileSelector(root, recursive=True, allow_not_found=True)
+    return [i for i in fs.get_file_info(sel) if i.type == pafs.FileType.File]
+
+
 def read_json(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
     with fs.open_input_stream(path) as f:
         return json.loads(f.read().decode())
