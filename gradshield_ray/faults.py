@@ -10,7 +10,8 @@ FAIL_AFTER_ENV = "GRADSHIELD_TEST_FAIL_AFTER_PARTS"  # the writer raises once th
 LOAD_LOG_ENV = "GRADSHIELD_TEST_LOAD_LOG"  # scorer actors append a line per model load to this file
 KILL_ACTOR_ENV = "GRADSHIELD_TEST_KILL_ACTOR_AFTER"  # "N:FLAG": an actor os._exit()s before call N+1, once
 SLOW_ENV = "GRADSHIELD_TEST_SLOW_S"  # sleep per chunk scored and per part written, to widen kill windows
-TEST_ENVS = (FAIL_AFTER_ENV, LOAD_LOG_ENV, KILL_ACTOR_ENV, SLOW_ENV)
+SLOW_SPLIT_ENV = "GRADSHIELD_TEST_SLOW_SPLIT_S"  # sleep per pass-2 group only (a kill window late in pass 2)
+TEST_ENVS = (FAIL_AFTER_ENV, LOAD_LOG_ENV, KILL_ACTOR_ENV, SLOW_ENV, SLOW_SPLIT_ENV)
 Faults = dict[str, str]
 
 
@@ -19,10 +20,10 @@ def from_env() -> Faults:
     return {k: os.environ[k] for k in TEST_ENVS if os.environ.get(k)}
 
 
-def slow(faults: Faults | None) -> None:
-    """Sleep GRADSHIELD_TEST_SLOW_S seconds, if set."""
-    if faults and faults.get(SLOW_ENV):
-        time.sleep(float(faults[SLOW_ENV]))
+def slow(faults: Faults | None, env: str = SLOW_ENV) -> None:
+    """Sleep GRADSHIELD_TEST_SLOW_S (or the given variable's) seconds, if set."""
+    if faults and faults.get(env):
+        time.sleep(float(faults[env]))
 
 
 def log_load(faults: Faults | None, line: str) -> None:

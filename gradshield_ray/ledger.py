@@ -20,7 +20,7 @@ from typing import Any, Iterator
 from gradshield_ray import report, storage
 from gradshield_ray.config import GradShieldConfig
 from gradshield_ray.errors import RunError
-from gradshield_ray.listing import IO_THREADS, Unit, preflight_storage, thread_map
+from gradshield_ray.listing import IO_THREADS, Unit, preflight_storage
 from gradshield_ray.stages import SPLITS, scored_path
 from gradshield_ray.summary import ScoreSummary
 
@@ -142,8 +142,9 @@ class Ledger:
     scored bytes (an int: the file is scored/<unit>.parquet), or the part list of a unit committed by an
     earlier version; the score summaries are merged into one as they are read, never kept per unit."""
 
-    def __init__(self, fs, out_root: str, cfg: GradShieldConfig, has_identity: bool):
+    def __init__(self, fs, out_root: str, cfg: GradShieldConfig, has_identity: bool, storage_json: str):
         self.fs, self.out_root, self.cfg, self.has_identity = fs, out_root, cfg, has_identity
+        self.storage_json = storage_json
         self.markers = storage.join(out_root, "scored", "_units")  # earlier versions: one marker per unit
         self.commits = storage.join(out_root, "scored", "_commits")
         self.done: dict[str, int] = {}
@@ -201,14 +202,14 @@ class Ledger:
 
     def cleanup(self, pending: list[Unit]) -> dict[str, int]:
         """One listing of scored/: delete the files of units that are not committed (a dead attempt's),
-        in parallel; return the sizes of the files left (the committed ones)."""
+        in batched requests; return the sizes of the files left (the committed ones)."""
         root = storage.join(self.out_root, "scored")
         infos = storage.list_infos(self.fs, root)
         keep = {p for k in self.done for p in self.files(k)}
         stale = [i.path for i in infos if i.path not in keep and i.path.endswith(".parquet")]
         if stale:
             log.info("removing %d scored file(s) of uncommitted units", len(stale))
-            thread_map(self.fs.delete_file, stale)
+            storage.delete_files(self.fs, stale, self.storage_json)
         return {i.path: i.size for i in infos if i.path in keep}
 
 
@@ -236,8 +237,8 @@ class SplitLedger:
     """Pass 2's commits: the plan (τ and the groups, by digest) and the groups already split under it.
     A rerun with the same plan splits only the groups not committed; another plan (a new τ) redoes all."""
 
-    def __init__(self, fs, out_root: str):
-        self.fs, self.out_root = fs, out_root
+    def __init__(self, fs, out_root: str, storage_json: str):
+        self.fs, self.out_root, self.storage_json = fs, out_root, storage_json
         self.root = storage.join(out_root, "_pass2")
         self.plan_path = storage.join(self.root, "plan.json")
         self.commits = storage.join(self.root, "commits")
@@ -255,7 +256,7 @@ class SplitLedger:
             keep = {f["path"] for g in done.values() for f in g["files"]}
             stale = [i.path for s in SPLITS for i in storage.list_infos(self.fs, storage.join(self.out_root, s))
                      if i.path not in keep]
-            thread_map(self.fs.delete_file, stale)
+            storage.delete_files(self.fs, stale, self.storage_json)
             log.info("pass 2: %d of %d groups already split under this τ; %d to split", len(done), len(groups),
                      len(groups) - len(done))
         else:
@@ -266,7 +267,7 @@ class SplitLedger:
                 storage.delete_dir(self.fs, storage.join(self.out_root, name))
             storage.write_json(self.fs, self.plan_path, {"tau": repr(float(tau)), "digest": digest,
                                                          "groups": len(groups)})
-        self.writer = BatchCommits(self.fs, self.commits, every=max(1, len(groups) // 20), max_age_s=1.0)
+        self.writer = BatchCommits(self.fs, self.commits, every=max(1, len(groups) // 50), max_age_s=1.0)
         return done
 
     def commit(self, gid: int, files: list[dict], counts: dict[str, int]) -> None:

@@ -4,16 +4,16 @@ in listing.py.
 
 Output layout under `output` (local path or s3://):
   run.json                        the run's identity (config + model fingerprint); a rerun must match it
-  scored/<file>/rg-<k>/part-<offset>.parquet     scored rows of row group k of an input file
-  scored/_units/<unit>.json       commit marker of a unit: its parts, row count and score summary (resume
-                                  skips these units; the reduce merges their summaries, so τ needs no
-                                  second read of the scores)
-  kept/ removed/ errors/          the same part layout, split by τ
+  _lease.json                     held while a run is active (lease.py): a second run here fails fast
+  scored/<file>/rg-<k>[-r<start>].parquet   scored rows of one unit (a row group, or a row range of one)
+  scored/_commits/<attempt>-<n>.json        batches of unit commits with their merged score summary
+  _pass2/plan.json, _pass2/commits/         pass 2's plan (τ, groups by digest) and its committed groups
+  kept/ removed/ errors/          part-<group>.parquet: files of ~output_files.target_file_bytes, none empty
   threshold.json, report.json, histogram.png, manifest.json (the commit marker of the whole run)
 
-Resume: state lives in object storage. A rerun skips units with a marker, deletes partial parts of
-the others and rescores them; pass 2 is cheap and is redone whole until manifest.json exists. Markers
-without a summary (written by an older version) are reduced from their parts' fihs column instead.
+Resume: state lives in object storage. A rerun skips committed units, deletes the scored files of the
+others and rescores them; pass 2 splits only the groups not committed under the same τ. Units committed
+without a summary (older markers) are reduced from their files' fihs column instead.
 
 Fail fast: the driver checks the model (tokenizer, config, weight-file headers), the probes, the input
 listing and the output prefix (bucket, credentials, identity) before Ray starts. run.json is written just
@@ -21,7 +21,6 @@ before the first unit commits, so a prefix holds a run identity exactly when it 
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -35,10 +34,11 @@ from gradshield_ray import faults as fault
 from gradshield_ray import report, storage
 from gradshield_ray.config import GradShieldConfig
 from gradshield_ray.errors import DatasetFailed, RunError  # noqa: F401  (re-exported for callers)
+from gradshield_ray.lease import Lease
 from gradshield_ray.ledger import Ledger, SplitLedger, check_output, unit_groups, verify_splits
 from gradshield_ray.ledger import differences as _differences  # noqa: F401  (re-exported for tests)
 from gradshield_ray.ledger import run_identity  # noqa: F401  (re-exported)
-from gradshield_ray.listing import InputListing, Unit, list_input, list_units
+from gradshield_ray.listing import Unit, list_input, list_units
 from gradshield_ray.model import check_weights
 from gradshield_ray.stages import (
     SPLITS, UnitScoreActor, aggregate_parts, iter_rows, read_render, split_group, storage_json, write_parts,
@@ -178,7 +178,7 @@ def pass2(cfg: GradShieldConfig, units: list[Unit], ledger: Ledger, sizes: dict[
         fs.delete_file(report_path)
     target = cfg.output_files.target_file_bytes
     groups = unit_groups([u.key for u in units], {u.key: ledger.files(u.key) for u in units}, sizes, target)
-    split_ledger = SplitLedger(fs, out_root)
+    split_ledger = SplitLedger(fs, out_root, storage_json(cfg))
     done = split_ledger.begin(tau, groups, target)
     todo = [{"gid": gid, "parts": g} for gid, g in enumerate(groups) if gid not in done]
     try:
@@ -204,29 +204,6 @@ def pass2(cfg: GradShieldConfig, units: list[Unit], ledger: Ledger, sizes: dict[
     return counts, files, {"groups": len(groups), "groups_split_this_attempt": len(todo)}
 
 
-def finalize(cfg: GradShieldConfig, fs, out_root: str, counts: dict[str, int], decision: ThresholdDecision,
-             summary: ScoreSummary, scoring: dict[str, Any], listing: InputListing,
-             extra: dict[str, Any]) -> dict[str, Any]:
-    """Conservation checks, then histogram.png, report.json and manifest.json (last: the commit marker)."""
-    if counts["kept"] + counts["removed"] + counts["errors"] != counts["input"]:
-        raise RunError(f"conservation violated: {counts}")
-    if counts["kept"] + counts["removed"] != summary.count:
-        raise RunError(f"τ was decided from {summary.count} scores, but {counts['kept'] + counts['removed']} "
-                       "rows have one")
-    outputs = {k: storage.join(cfg.output, k) for k in ("scored", *SPLITS)}
-    outputs["histogram"] = storage.join(cfg.output, "histogram.png")
-    rep = report.run_report(cfg, counts, decision, summary, scoring, outputs)
-    rep["inputs"] = listing.report()
-    rep.update({k: v for k, v in extra.items() if k != "files"})
-    png = io.BytesIO()
-    report.histogram_png(summary, decision.tau, png)
-    storage.write_bytes(fs, storage.join(out_root, "histogram.png"), png.getvalue())
-    storage.write_json(fs, storage.join(out_root, "report.json"), report._jsonable(rep))
-    manifest = report._jsonable({**rep, **extra})
-    storage.write_json(fs, storage.join(out_root, "manifest.json"), manifest)  # last: the commit marker
-    return manifest
-
-
 def run_pipeline(cfg: GradShieldConfig) -> dict[str, Any]:
     """Pass 1 (score, resumable) → reduce (τ) → pass 2 (split, resumable) → manifest.json last."""
     if not cfg.input or not cfg.output:
@@ -234,6 +211,11 @@ def run_pipeline(cfg: GradShieldConfig) -> dict[str, Any]:
     cpu0, t0 = time.process_time(), time.perf_counter()
     preflight(cfg)
     has_identity = check_output(cfg)
+    with Lease(cfg.output, storage_json(cfg), cfg.output_files.lease_s):  # a second run here fails fast
+        return _run(cfg, has_identity, cpu0, t0)
+
+
+def _run(cfg: GradShieldConfig, has_identity: bool, cpu0: float, t0: float) -> dict[str, Any]:
     fs, out_root = storage.filesystem(cfg.output, cfg.storage)
     committed = _committed(fs, storage.join(out_root, "manifest.json"), cfg)
     if committed is not None:
@@ -242,7 +224,7 @@ def run_pipeline(cfg: GradShieldConfig) -> dict[str, Any]:
     units = list_units(cfg, listing)  # before Ray starts: an unusable file fails in seconds
     _ray_init()
     faults = fault.from_env()
-    ledger = Ledger(fs, out_root, cfg, has_identity)
+    ledger = Ledger(fs, out_root, cfg, has_identity, storage_json(cfg))
     ledger.load(units)  # committed units (a rerun's resume state), summaries merged while read
     phases = {"listing": time.perf_counter() - t0}
     nodes: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(NODE_FIELDS, 0))
@@ -267,5 +249,5 @@ def run_pipeline(cfg: GradShieldConfig) -> dict[str, Any]:
     uri = lambda p: cfg.output.rstrip("/") + p[len(out_root):]  # noqa: E731
     out_files = {s: [{**{k: f[k] for k in ("rows", "bytes", "sha256")}, "path": uri(f["path"])}
                      for f in files if f["split"] == s] for s in SPLITS}
-    return finalize(cfg, fs, out_root, counts, decision, summary, scoring, listing,
+    return report.finalize(cfg, fs, out_root, counts, decision, summary, scoring, listing.report(),
                     {"nodes": dict(nodes), "files": out_files, "kept_parts": [f["path"] for f in out_files["kept"]]})

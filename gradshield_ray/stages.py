@@ -260,6 +260,7 @@ def split_group(batch: pa.Table, output_uri: str, storage_json: str, tau: float,
                               "sha256": hashlib.sha256(data).hexdigest()})
         rows.append({"gid": gid, "files": json.dumps(files), **counts})
         fault.slow(faults)
+        fault.slow(faults, fault.SLOW_SPLIT_ENV)
     return pa.Table.from_pylist(rows)
 
 

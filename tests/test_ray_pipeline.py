@@ -219,3 +219,58 @@ def test_run_identity_tolerates_new_fields_but_not_changes():
     assert _differences(prev, newer) == []
     changed = {"config": {"score": {"scope": "mlp", "method": "hooks"}}, "model_fingerprint": "xyz"}
     assert _differences(prev, changed) == ["config.score.scope", "model_fingerprint"]
+
+
+def test_second_run_into_one_prefix_fails_fast(tmp_path, s3, ray_local, corpus, tiny_model_dir):
+    """Two concurrent drivers on one prefix: the first (`gradshield-ray run`, a subprocess joining this Ray)
+    holds output/_lease.json (created with If-None-Match: *); the second fails in seconds naming the holder.
+    After the first is SIGKILLed the same command resumes at once (the holder's process is gone on this
+    host); a lease of another host is refused until it expires."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import ray
+
+    from gradshield_ray.lease import LeaseHeld
+    from gradshield_ray.ray_pipeline import run_pipeline
+
+    url, client = s3
+    cfg = cfg_for(tiny_model_dir, url, "s3://corpus/lease")
+    path = tmp_path / "c.json"
+    path.write_text(cfg.model_dump_json())  # YAML is a superset of JSON
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "GRADSHIELD_TEST_SLOW_S": "0.5",
+           "AWS_ACCESS_KEY_ID": FAKE_KEY, "AWS_SECRET_ACCESS_KEY": FAKE_SECRET}
+    first = subprocess.Popen([sys.executable, "-m", "gradshield_ray.cli", "run", "--config", str(path)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        t = time.monotonic()
+        while client.list_objects_v2(Bucket="corpus", Prefix="lease/_lease.json").get("KeyCount", 0) == 0:
+            assert first.poll() is None and time.monotonic() - t < 120, "the first driver never took the lease"
+            time.sleep(0.2)
+        t = time.perf_counter()
+        with pytest.raises(LeaseHeld, match=r"in use by another run \(host .*, pid %d" % first.pid):
+            run_pipeline(cfg)
+        assert time.perf_counter() - t < 10
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(30)
+    time.sleep(1.0)  # Ray notices the dead driver and stops its job's workers
+    man = run_pipeline(cfg)  # the holder is gone: taken over at once, and the run completes
+    assert man["counts"]["kept"] + man["counts"]["removed"] + man["counts"]["errors"] == man["counts"]["input"]
+    assert client.list_objects_v2(Bucket="corpus", Prefix="lease/_lease.json").get("KeyCount", 0) == 0  # released
+    # a live lease of another host is refused until it expires
+    other = cfg_for(tiny_model_dir, url, "s3://corpus/lease2", output_files={"lease_s": 3})
+    client.put_object(Bucket="corpus", Key="lease2/_lease.json", Body=json.dumps(
+        {"owner": "x", "host": "another-host", "pid": 1, "expires": time.time() + 3}).encode())
+    with pytest.raises(LeaseHeld, match="another-host"):
+        run_pipeline(other)
+    time.sleep(3.5)
+    from gradshield_ray.lease import Lease
+    from gradshield_ray.stages import storage_json
+
+    with Lease(other.output, storage_json(other), 3):  # expired: taken over
+        held = json.loads(client.get_object(Bucket="corpus", Key="lease2/_lease.json")["Body"].read())
+        assert held["host"] != "another-host" and held["pid"] == os.getpid()
