@@ -127,6 +127,9 @@ class RayConfig(_Section):
     """How the Ray pipeline maps onto a cluster (ignored by the single-process runner)."""
 
     num_actors: int = Field(1, gt=0)  # scorer actors; one model copy each (one per GPU)
+    # an autoscaling pool: ActorPoolStrategy(min_size=min_actors, max_size=max_actors); unset = num_actors
+    min_actors: int | None = Field(None, gt=0)
+    max_actors: int | None = Field(None, gt=0)
     num_gpus_per_actor: float = Field(1.0, ge=0)
     num_cpus_per_actor: float = Field(1.0, ge=0)
     # each unit (row group) reaches the actor whole and is scored in chunks of this many rows, cut in row order
@@ -134,6 +137,32 @@ class RayConfig(_Section):
     # length-sort better: 1024 rows ran ~4% faster than 256 on the CPU benchmark model (less padding)
     batch_rows: int = Field(1024, gt=0)
     render_num_cpus: float = Field(1.0, gt=0)
+    # a unit (the task of scheduling, commit and resume) is one row group, or a range of at most this many
+    # rows of a larger one, so no task materialises more rows than this
+    unit_rows: int = Field(100_000, gt=0)
+
+    @model_validator(mode="after")
+    def _pool(self) -> "RayConfig":
+        lo, hi = self.pool_size()
+        if lo > hi:
+            raise ValueError(f"ray.min_actors ({lo}) is larger than ray.max_actors ({hi})")
+        return self
+
+    def pool_size(self) -> tuple[int, int]:
+        """(min, max) actors of the scorer pool; a fixed pool of num_actors unless min/max are set."""
+        return self.min_actors or min(self.num_actors, self.max_actors or self.num_actors), \
+            self.max_actors or max(self.num_actors, self.min_actors or self.num_actors)
+
+
+class OutputConfig(_Section):
+    """How the Ray pipeline writes its outputs."""
+
+    # kept/ removed/ errors/ are written as files of about this many bytes (pass 2 groups committed scored
+    # files up to this size and writes one file per split and group, none empty)
+    target_file_bytes: int = Field(256 << 20, gt=0)
+    # seconds a run's lease on its output prefix (output/_lease.json) lives without renewal: a second run
+    # into the same prefix fails fast while it lives; a crashed run's lease expires after this
+    lease_s: float = Field(120.0, gt=0)
 
 
 class GradShieldConfig(_Section):
@@ -148,6 +177,7 @@ class GradShieldConfig(_Section):
     threshold: ThresholdConfig = ThresholdConfig()
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
+    output_files: OutputConfig = OutputConfig()
     rows_per_batch: int = Field(1024, gt=0)  # rows handed to the scorer at a time (local runner; see ray.batch_rows)
 
     @classmethod

@@ -18,8 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gradshield_ray import report
+from gradshield_ray import report, storage
 from gradshield_ray.config import GradShieldConfig
+from gradshield_ray.listing import list_input, row_id
 from gradshield_ray.parquet_io import InputError, iter_batches, list_parquet, write_table
 from gradshield_ray.summary import ScoreSummary
 from gradshield_ray.tables import (
@@ -64,14 +65,9 @@ def preflight(cfg: GradShieldConfig) -> tuple[Path, list[Path], int]:
 
 def input_inventory(cfg: GradShieldConfig) -> dict[str, Any]:
     """What the input holds besides the files read: 0-byte *.parquet files (skipped) and files not named
-    *.parquet (not input); written into report.json so nothing is left out silently."""
-    root, files = list_parquet(cfg.input)
-    others = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix != ".parquet") if Path(
-        cfg.input).is_dir() else []
-    rel = lambda ps: [p.relative_to(root).as_posix() for p in ps]  # noqa: E731
-    return {"files": sum(1 for f in files if f.stat().st_size), "empty_files_skipped": rel(
-        f for f in files if not f.stat().st_size), "non_parquet_ignored": rel(others[:100]),
-        "n_non_parquet_ignored": len(others)}
+    *.parquet (not input); written into report.json so nothing is left out silently. The same listing as
+    the Ray runner's (listing.list_input), so both report the same."""
+    return list_input(cfg).report()
 
 
 def run_score(cfg: GradShieldConfig, scorer=None) -> dict[str, Any]:
@@ -87,7 +83,7 @@ def run_score(cfg: GradShieldConfig, scorer=None) -> dict[str, Any]:
         rel = f.relative_to(root)
         parts, offset = [], 0
         for table in iter_batches(f, cfg.rows_per_batch):
-            ids = [f"{rel.as_posix()}:{offset + i}" for i in range(table.num_rows)]
+            ids = [row_id(rel.as_posix(), offset + i) for i in range(table.num_rows)]
             parts.append(score_table(scorer, table, ids))
             offset += table.num_rows
             done += table.num_rows
@@ -154,10 +150,5 @@ def run_filter(cfg: GradShieldConfig, scorer=None) -> dict[str, Any]:
         for name, part in split_table(scored, decision.tau).items():
             counts[name] += part.num_rows
             write_table(part, out / name / f.relative_to(root))
-    assert counts["input"] == counts["kept"] + counts["removed"] + counts["errors"]
-    report.histogram_png(summary, decision.tau, out / "histogram.png")
-    outputs = {k: str(out / k) for k in ("scored", *SPLITS)} | {"histogram": str(out / "histogram.png")}
-    rep = report.run_report(cfg, counts, decision, summary, score_info, outputs)
-    rep["inputs"] = input_inventory(cfg)
-    report.write_json(rep, out / "report.json")
-    return rep
+    fs, root_out = storage.filesystem(str(out), storage.StorageConfig())
+    return report.finalize(cfg, fs, root_out, counts, decision, summary, score_info, input_inventory(cfg))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import subprocess
@@ -109,3 +110,32 @@ def histogram_png(summary: ScoreSummary, tau: float, path: Path | BinaryIO, titl
         path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
     plt.close(fig)
+
+
+def finalize(cfg: GradShieldConfig, fs, out_root: str, counts: dict[str, int], decision: ThresholdDecision,
+             summary: ScoreSummary, scoring: dict[str, Any], inputs: dict[str, Any],
+             extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The last step of both runners: conservation checks, then histogram.png, report.json and (with
+    `extra`, the Ray runner) manifest.json, last: the commit marker of the run."""
+    from gradshield_ray import storage
+    from gradshield_ray.errors import RunError
+
+    if counts["kept"] + counts["removed"] + counts["errors"] != counts["input"]:
+        raise RunError(f"conservation violated: {counts}")
+    if counts["kept"] + counts["removed"] != summary.count:
+        raise RunError(f"τ was decided from {summary.count} scores, but {counts['kept'] + counts['removed']} "
+                       "rows have one")
+    outputs = {k: storage.join(cfg.output, k) for k in ("scored", "kept", "removed", "errors")}
+    outputs["histogram"] = storage.join(cfg.output, "histogram.png")
+    rep = run_report(cfg, counts, decision, summary, scoring, outputs)
+    rep["inputs"] = inputs
+    rep.update({k: v for k, v in (extra or {}).items() if k != "files"})
+    png = io.BytesIO()
+    histogram_png(summary, decision.tau, png)
+    storage.write_bytes(fs, storage.join(out_root, "histogram.png"), png.getvalue())
+    storage.write_json(fs, storage.join(out_root, "report.json"), _jsonable(rep))
+    if extra is None:
+        return rep
+    manifest = _jsonable({**rep, **extra})
+    storage.write_json(fs, storage.join(out_root, "manifest.json"), manifest)  # last: the commit marker
+    return manifest

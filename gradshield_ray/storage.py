@@ -142,6 +142,51 @@ def list_files(fs: pafs.FileSystem, root: str, suffix: str = "") -> list[str]:
     return sorted(i.path for i in fs.get_file_info(sel) if i.type == pafs.FileType.File and i.path.endswith(suffix))
 
 
+def list_infos(fs: pafs.FileSystem, root: str) -> list[pafs.FileInfo]:
+    """FileInfo (path, size) of every file under root, from one recursive listing; [] when root is missing."""
+    sel = pafs.FileSelector(root, recursive=True, allow_not_found=True)
+    return [i for i in fs.get_file_info(sel) if i.type == pafs.FileType.File]
+
+
+def s3_client(storage_json: str):
+    """A botocore S3 client with the resolved settings (resolved_json): for what pyarrow's filesystem
+    cannot do, batched deletes and conditional creates."""
+    import botocore.session
+    from botocore.config import Config
+
+    d = json.loads(storage_json)
+    return botocore.session.get_session().create_client(
+        "s3", endpoint_url=d.get("endpoint_url"), region_name=d.get("region") or "us-east-1",
+        aws_access_key_id=d.get("access_key_id"), aws_secret_access_key=d.get("secret_access_key"),
+        aws_session_token=d.get("session_token"),
+        config=Config(retries={"max_attempts": d.get("max_attempts", 3), "mode": "standard"},
+                      connect_timeout=d.get("connect_timeout_s", 5), read_timeout=d.get("request_timeout_s", 60)))
+
+
+def delete_files(fs: pafs.FileSystem, paths: list[str], storage_json: str) -> None:
+    """Delete files: on S3 in DeleteObjects batches of 1000 keys (one request each, and no directory
+    marker objects, which pyarrow's delete_file leaves behind); locally one unlink each."""
+    if not paths:
+        return
+    if isinstance(fs, pafs.LocalFileSystem):
+        for p in paths:
+            fs.delete_file(p)
+        return
+    client = s3_client(storage_json)
+    by_bucket: dict[str, list[str]] = {}
+    for p in paths:
+        b, _, k = p.partition("/")
+        by_bucket.setdefault(b, []).append(k)
+    for b, keys in by_bucket.items():
+        for i in range(0, len(keys), 1000):
+            r = client.delete_objects(Bucket=b, Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]],
+                                                        "Quiet": True})
+            if r.get("Errors"):
+                e = r["Errors"][0]
+                raise StorageError(f"cannot delete s3://{b}/{e.get('Key')}: {e.get('Code')} ({len(r['Errors'])} "
+                                   "failed)")
+
+
 def read_json(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
     with fs.open_input_stream(path) as f:
         return json.loads(f.read().decode())

@@ -155,17 +155,29 @@ def _part_location(part: str, cfg: TrainJobConfig) -> str:
 
 
 def kept_parts(man: dict[str, Any], cfg: TrainJobConfig) -> tuple[list[str], int]:
-    """(paths of the kept Parquet parts, their total rows); the total must equal counts.kept."""
+    """(paths of the kept Parquet files, their total rows); the total must equal counts.kept. A manifest
+    that lists its files with rows and bytes (`files.kept`) is checked with one listing of kept/, not one
+    request per file; an older manifest (kept_parts only) is checked file by file."""
     import pyarrow.parquet as pq
 
-    fs, _ = storage.filesystem(cfg.run, cfg.storage)
-    paths = [_part_location(p, cfg) for p in man["kept_parts"]]
-    total = 0
-    for p in paths:
-        if not storage.exists(fs, p):
-            raise TrainError(f"kept part {p} listed in the manifest does not exist")
-        with fs.open_input_file(p) as f:
-            total += pq.ParquetFile(f).metadata.num_rows
+    fs, root = storage.filesystem(cfg.run, cfg.storage)
+    listed = man.get("files", {}).get("kept")
+    if listed is not None:
+        have = {i.path: i.size for i in storage.list_infos(fs, storage.join(root, "kept"))}
+        paths = [_part_location(f["path"], cfg) for f in listed]
+        for f, p in zip(listed, paths):
+            if have.get(p) != f["bytes"]:
+                raise TrainError(f"kept file {p} listed in the manifest " + (
+                    "does not exist" if p not in have else f"has {have[p]} bytes, not {f['bytes']}"))
+        total = sum(f["rows"] for f in listed)
+    else:
+        paths = [_part_location(p, cfg) for p in man["kept_parts"]]
+        total = 0
+        for p in paths:
+            if not storage.exists(fs, p):
+                raise TrainError(f"kept part {p} listed in the manifest does not exist")
+            with fs.open_input_file(p) as f:
+                total += pq.ParquetFile(f).metadata.num_rows
     if total != man["counts"]["kept"]:
         raise TrainError(f"kept parts hold {total} rows but the manifest counts {man['counts']['kept']} kept")
     return paths, total

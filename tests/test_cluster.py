@@ -43,7 +43,17 @@ def _wait_nodes(address: str, n: int, env: dict, timeout: float = 90) -> None:
     assert out.stdout.strip().endswith(str(n)), out.stderr[-2000:]
 
 
+def _gpu_nodes(address: str, env: dict) -> list[str]:
+    """Node ids of the live nodes with a (logical) GPU."""
+    code = (f"import json, ray; ray.init(address='{address}', logging_level='ERROR');"
+            "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive'] and n['Resources'].get('GPU')]))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def test_two_node_cluster_run(tmp_path, tiny_model_dir):
+    """Only the worker node has the (logical) GPU, so the scorer actor must run there: report.json's `nodes`
+    must show every row scored and the one model load on the worker."""
     # a loopback test cluster: token auth off (KubeRay manages auth on real clusters)
     env = {**os.environ, "AWS_EC2_METADATA_DISABLED": "true", "RAY_DEDUP_LOGS": "0", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
@@ -54,13 +64,15 @@ def test_two_node_cluster_run(tmp_path, tiny_model_dir):
         client.create_bucket(Bucket="corpus")
         src = make_corpus(tmp_path / "in", n_rows=36, n_files=3, seed=5)
         upload_dir(client, src, "corpus", "in")
-        head = _start(["--head", f"--port={port}", "--num-cpus=1", "--num-gpus=1", "--include-dashboard=false",
+        head = _start(["--head", f"--port={port}", "--num-cpus=1", "--num-gpus=0", "--include-dashboard=false",
                        "--node-ip-address=127.0.0.1"], env)
         worker = None
         try:
             time.sleep(3)
-            worker = _start([f"--address={address}", "--num-cpus=2", "--node-ip-address=127.0.0.1"], env)
+            worker = _start([f"--address={address}", "--num-cpus=2", "--num-gpus=1", "--node-ip-address=127.0.0.1"],
+                            env)
             _wait_nodes(address, 2, env)
+            (worker_id,) = _gpu_nodes(address, env)
             cfg = tmp_path / "c.yaml"
             cfg.write_text(
                 f"input: s3://corpus/in\noutput: s3://corpus/cluster-run\nmodel:\n  path: {tiny_model_dir}\n"
@@ -77,6 +89,9 @@ def test_two_node_cluster_run(tmp_path, tiny_model_dir):
             assert result["counts"]["kept"] + result["counts"]["removed"] + result["counts"]["errors"] == 36
             man = json.loads(client.get_object(Bucket="corpus", Key="cluster-run/manifest.json")["Body"].read())
             assert man["counts"] == result["counts"]
+            # the second node did the scoring: all 36 rows and the one model load are on the worker's node id
+            assert man["nodes"][worker_id]["rows_scored"] == 36 and man["nodes"][worker_id]["model_loads"] == 1
+            assert sum(n["rows_rendered"] for n in man["nodes"].values()) == 36
             assert FAKE_SECRET not in out.stdout + out.stderr
         finally:
             if worker is not None:

@@ -95,7 +95,8 @@ def config(env: Env, output: str, num_actors: int = 2, endpoint: str | None = No
             "storage": {"endpoint_url": endpoint or env.url, "access_key_id": FAKE_KEY,
                         "secret_access_key": FAKE_SECRET},
             "ray": {"num_actors": num_actors, "num_gpus_per_actor": 0.5, "num_cpus_per_actor": 0.5,
-                    "batch_rows": 4, "render_num_cpus": 0.5}}
+                    "batch_rows": 4, "render_num_cpus": 0.5},
+            "output_files": {"target_file_bytes": 1}}  # one pass-2 group (one file per split) per unit
 
 
 def keys(env: Env, prefix: str) -> list[str]:
@@ -199,19 +200,19 @@ def test_report_and_manifest_written_after_every_shard(env, baseline):
     names = [n for n, _ in writes]
     assert names[-2:] == ["report.json", "manifest.json"]  # nothing is written after the commit marker
     assert names.index("threshold.json") < names.index("histogram.png") < names.index("report.json")
-    markers = [i for i, n in enumerate(names) if re.fullmatch(r"[0-9a-f]{20}\.json", n)]
-    assert len(markers) == N_UNITS and names.index("run.json") < markers[0]  # identity before the first commit
-    assert markers[-1] < names.index("threshold.json")  # every unit committed before the reduce
+    commits = [i for i, n in enumerate(names) if re.fullmatch(r"[0-9a-f]{12}-[0-9]{6}\.json", n)]
+    assert commits and names.index("run.json") < commits[0]  # identity before the first commit
+    assert names.index("threshold.json") < names.index("histogram.png") < names.index("report.json")
+    man = baseline["manifest"]
+    files = [f["path"].removeprefix(f"s3://{BUCKET}/") for s in SPLITS for f in man["files"][s]]
     for name, listed in writes[-2:]:
-        scored = [k[len("base/scored/"):] for k in listed if k.startswith("base/scored/") and "/_units/" not in k
-                  and k.endswith(".parquet")]
-        assert len(scored) == N_UNITS
-        for split in SPLITS:  # every shard exists when the report, then the manifest, is written
-            assert all(f"base/{split}/{rel}" in listed for rel in scored), (name, split)
+        scored = [k for k in listed if k.startswith("base/scored/") and k.endswith(".parquet")]
+        assert len(scored) == N_UNITS  # one scored file per unit
+        assert all(f in listed for f in files), name  # every output file exists when the report, then the manifest, is written
         assert ("base/report.json" in listed) == (name == "manifest.json")
         assert "base/manifest.json" not in listed
-    man = baseline["manifest"]
     assert sorted(man["kept_parts"]) == sorted(f"s3://{BUCKET}/{k}" for k in keys(env, "base/kept/"))
+    assert man["scoring"]["groups"] == N_UNITS and 0 < len(man["files"]["removed"]) < N_UNITS  # no empty files
 
 
 def test_rerun_with_changed_model_or_config_refuses(env, baseline, tmp_path):
@@ -284,10 +285,17 @@ def _start_cli(env: Env, cfg_path: Path, log: Path) -> subprocess.Popen:
                                 env=e, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _kill_when(env: Env, p: subprocess.Popen, prefix: str, timeout: float = 240) -> None:
-    """SIGKILL the driver as soon as an object under `prefix` exists."""
+def committed(env: Env, prefix: str) -> list:
+    """The records of the commit batches under prefix (units of pass 1, groups of pass 2)."""
+    return [it for k in keys(env, prefix)
+            for it in json.loads(env.client.get_object(Bucket=BUCKET, Key=k)["Body"].read())["items"]]
+
+
+def _kill_when(env: Env, p: subprocess.Popen, prefix: str, timeout: float = 240, at_least: int = 0) -> None:
+    """SIGKILL the driver as soon as an object under `prefix` exists (and, with at_least, once the commit
+    batches there hold that many records)."""
     t = time.monotonic()
-    while not keys(env, prefix):
+    while not keys(env, prefix) or (at_least and len(committed(env, prefix)) < at_least):
         assert p.poll() is None, f"the driver exited before the kill: {p.args}"
         assert time.monotonic() - t < timeout, f"nothing under {prefix} after {timeout}s"
         time.sleep(0.1)
@@ -311,9 +319,9 @@ def test_driver_killed_in_pass1_and_pass2_then_rerun(env, baseline, tmp_path, mo
     train = _train_module()
     tcfg = train.TrainJobConfig(run=f"s3://{BUCKET}/dk", output=f"s3://{BUCKET}/train",
                                 storage=StorageConfig(endpoint_url=env.url))
-    # attempt 1 (CLI): killed in pass 1, once the first unit has committed
-    _kill_when(env, _start_cli(env, cfg_path, logs[0]), "dk/scored/_units/")
-    assert 1 <= len(keys(env, "dk/scored/_units/")) < N_UNITS and not keys(env, "dk/manifest.json")
+    # attempt 1 (CLI): killed in pass 1, once the first units have committed
+    _kill_when(env, _start_cli(env, cfg_path, logs[0]), "dk/scored/_commits/")
+    assert 1 <= len(committed(env, "dk/scored/_commits/")) < N_UNITS and not keys(env, "dk/manifest.json")
     # attempt 2 (in-process): resumes pass 1 and scores only the uncommitted units; stopped before the reduce
     def stop(*a, **k):
         raise RuntimeError("stopped by the test after pass 1")
@@ -322,11 +330,11 @@ def test_driver_killed_in_pass1_and_pass2_then_rerun(env, baseline, tmp_path, mo
         mp.setattr(ray_pipeline, "decide", stop)
         with pytest.raises(RuntimeError, match="stopped by the test"):
             ray_pipeline.run_pipeline(GradShieldConfig.model_validate(cfg))
-    assert len(keys(env, "dk/scored/_units/")) == N_UNITS and not keys(env, "dk/kept/")
-    # attempt 3 (CLI): killed in pass 2, once the first kept shard exists
-    _kill_when(env, _start_cli(env, cfg_path, logs[1]), "dk/kept/")
-    assert 1 <= len(keys(env, "dk/kept/")) < N_UNITS
-    assert not keys(env, "dk/manifest.json") and not keys(env, "dk/report.json")
+    assert len(committed(env, "dk/scored/_commits/")) == N_UNITS and not keys(env, "dk/kept/")
+    # attempt 3 (CLI): killed late in pass 2, once 4 of its 6 groups are committed
+    _kill_when(env, _start_cli(env, cfg_path, logs[1]), "dk/_pass2/commits/", at_least=4)
+    split_before = len(committed(env, "dk/_pass2/commits/"))
+    assert 4 <= split_before and not keys(env, "dk/manifest.json") and not keys(env, "dk/report.json")
     env.printed += [log.read_text(errors="replace") for log in logs]
     # partial outputs are never presented as a result: training refuses; the same config finishes the run
     with pytest.raises(train.NotCommitted):
@@ -334,6 +342,9 @@ def test_driver_killed_in_pass1_and_pass2_then_rerun(env, baseline, tmp_path, mo
     man = ray_pipeline.run_pipeline(GradShieldConfig.model_validate(cfg))
     assert man == train.read_manifest(tcfg)
     assert man["scoring"]["rows_scored_this_attempt"] == 0  # every unit was committed before
+    # pass 2 resumed: only the groups not committed before the kill were split again, with the exact result
+    assert man["scoring"]["groups"] == N_UNITS
+    assert man["scoring"]["groups_split_this_attempt"] == N_UNITS - split_before <= 2
     same_kept_set(outcome(env, "dk", man), baseline["outcome"])
 
 

@@ -660,7 +660,7 @@ def test_filter_retry_resumes_from_object_storage(tmp_path, tiny_model_dir):
         listed = client.list_objects_v2(Bucket="corpus", Prefix="run/")
         keys = [o["Key"] for o in listed.get("Contents", [])]
         assert "run/manifest.json" not in keys
-        markers = [k for k in keys if k.startswith("run/scored/_units/")]
+        markers = [k for k in keys if k.startswith("run/scored/_commits/")]
         assert markers, f"nothing was committed before the failure: {keys}"
 
         second = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=400)

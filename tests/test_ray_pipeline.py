@@ -64,7 +64,7 @@ def test_s3_end_to_end_matches_core_cli(tmp_path, s3, ray_local, corpus, tiny_mo
     monkeypatch.setenv("GRADSHIELD_TEST_LOAD_LOG", str(load_log))
     man = run_pipeline(cfg_for(tiny_model_dir, url, "s3://corpus/run1"))
     assert len(pq.ParquetFile(next(corpus.glob("*.parquet"))).metadata.to_dict()["row_groups"]) >= 2
-    # loaded once per actor: 2 actors, 30 units of ≤ 5 rows in batches of 4 rows
+    # loaded once per actor: 2 actors, 18 units of ≤ 5 rows in batches of 4 rows
     assert len(load_log.read_text().split()) == 2
     parts = {k: read_s3_dir(client, "corpus", f"run1/{k}/") for k in ("kept", "removed", "errors")}
     n = {k: 0 if t is None else t.num_rows for k, t in parts.items()}
@@ -90,6 +90,24 @@ def test_s3_end_to_end_matches_core_cli(tmp_path, s3, ray_local, corpus, tiny_mo
     for f in sorted(corpus.glob("*.parquet")):
         for i, row in enumerate(pq.read_table(f).to_pylist()):
             assert {k: by_id[f"{f.name}:{i}"][k] for k in row} == row
+    # the manifest lists every output file (none empty) with its rows, bytes and sha256, and nothing else is there
+    import hashlib
+
+    listed = [f for split in ("kept", "removed", "errors") for f in man["files"][split]]
+    assert sum(f["rows"] for f in listed) == inp.num_rows and all(f["rows"] > 0 for f in listed)
+    for split in ("kept", "removed", "errors"):
+        assert sum(f["rows"] for f in man["files"][split]) == man["counts"][split]
+    on_s3 = {o["Key"]: o["Size"] for p in ("kept", "removed", "errors")
+             for o in client.list_objects_v2(Bucket="corpus", Prefix=f"run1/{p}/").get("Contents", [])}
+    assert {f["path"].removeprefix("s3://corpus/") for f in listed} == set(on_s3)
+    for f in listed:
+        body = client.get_object(Bucket="corpus", Key=f["path"].removeprefix("s3://corpus/"))["Body"].read()
+        assert (len(body), hashlib.sha256(body).hexdigest()) == (f["bytes"], f["sha256"])
+    # default target_file_bytes (256 MiB): one file per split for this small corpus, whatever the 30 units
+    assert len(man["files"]["kept"]) == 1 and man["kept_parts"] == [man["files"]["kept"][0]["path"]]
+    # the nodes section: every row rendered and scored on this one node, 2 model loads (one per actor)
+    (node,) = man["nodes"].values()
+    assert node == {"rows_rendered": inp.num_rows, "rows_scored": inp.num_rows, "model_loads": 2}
     # the manifest and report hold no credential
     blob = json.dumps(man)
     assert FAKE_SECRET not in blob and FAKE_KEY not in blob
@@ -106,9 +124,9 @@ def test_resume_after_failure_scores_fewer_rows(tmp_path, s3, ray_local, corpus,
     with pytest.raises(Exception, match="injected failure"):
         run_pipeline(cfg)
     monkeypatch.delenv("GRADSHIELD_TEST_FAIL_AFTER_PARTS")
-    markers = [o["Key"] for o in client.list_objects_v2(Bucket="corpus", Prefix="run2/scored/_units/")
+    commits = [o["Key"] for o in client.list_objects_v2(Bucket="corpus", Prefix="run2/scored/_commits/")
                .get("Contents", [])]
-    assert markers, "some units must have been committed before the failure"
+    assert commits, "some units must have been committed before the failure"
     assert client.list_objects_v2(Bucket="corpus", Prefix="run2/manifest.json").get("KeyCount", 0) == 0
     man = run_pipeline(cfg)
     total = man["counts"]["input"]
@@ -121,25 +139,33 @@ def test_resume_after_failure_scores_fewer_rows(tmp_path, s3, ray_local, corpus,
 
 
 def _check_reduce_from_markers(client, cfg, man) -> None:
-    """τ comes from the unit summaries in the commit markers (merged on the driver, the scores are not
-    read again). They must equal a Ray Data scan of the committed parts' fihs column, bin for bin; and
-    markers written without a summary (an older version's) are reduced from their parts to the same τ."""
+    """τ comes from the summaries in the commit batches (merged on the driver while read, the scores are not
+    read again). They must equal a Ray Data scan of the committed files' fihs column, bin for bin; and
+    units committed as an earlier version did (one marker per unit, no summary) are reduced from their
+    files to the same τ."""
+    import hashlib
+
     from gradshield_ray.ray_pipeline import aggregate_parts, run_pipeline
     from gradshield_ray.storage import filesystem
     from gradshield_ray.summary import ScoreSummary
 
-    keys = [o["Key"] for o in client.list_objects_v2(Bucket="corpus", Prefix="run2/scored/_units/")["Contents"]]
-    markers = {k: json.loads(client.get_object(Bucket="corpus", Key=k)["Body"].read()) for k in keys}
-    merged = ScoreSummary.merge_all(ScoreSummary.from_dict(m["summary"]) for m in markers.values())
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket="corpus", Prefix="run2/scored/_commits/")["Contents"]]
+    batches = {k: json.loads(client.get_object(Bucket="corpus", Key=k)["Body"].read()) for k in keys}
+    merged = ScoreSummary.merge_all(ScoreSummary.from_dict(b["summary"]) for b in batches.values())
+    units = [it[0] for b in batches.values() for it in b["items"]]
+    assert len(units) == len(set(units)) == man["scoring"]["units"]
     fs, _ = filesystem(cfg.output, cfg.storage)
-    scan = aggregate_parts(sorted(p for m in markers.values() for p in m["parts"]), fs)
+    scan = aggregate_parts(sorted(f"corpus/run2/scored/{u}.parquet" for u in units), fs)
     assert np.array_equal(merged.counts, scan.counts)
     assert (merged.count, merged.min, merged.max) == (scan.count, scan.min, scan.max)
     assert merged.count == man["counts"]["kept"] + man["counts"]["removed"]
     assert merged.sum == pytest.approx(scan.sum, rel=1e-12, abs=1e-12)
-    for k in keys[::2]:  # half the markers as an older version wrote them
-        legacy = {f: v for f, v in markers[k].items() if f != "summary"}
-        client.put_object(Bucket="corpus", Key=k, Body=json.dumps(legacy).encode())
+    for k in keys[::2]:  # half the batches as an older version wrote them: a marker per unit, no summary
+        for key, n, _ in batches[k]["items"]:
+            legacy = {"unit": key, "n_rows": n, "parts": [f"corpus/run2/scored/{key}.parquet"]}
+            name = hashlib.sha1(key.encode()).hexdigest()[:20] + ".json"
+            client.put_object(Bucket="corpus", Key=f"run2/scored/_units/{name}", Body=json.dumps(legacy).encode())
+        client.delete_object(Bucket="corpus", Key=k)
     client.delete_object(Bucket="corpus", Key="run2/manifest.json")
     again = run_pipeline(cfg)
     assert again["scoring"]["rows_scored_this_attempt"] == 0
@@ -193,3 +219,58 @@ def test_run_identity_tolerates_new_fields_but_not_changes():
     assert _differences(prev, newer) == []
     changed = {"config": {"score": {"scope": "mlp", "method": "hooks"}}, "model_fingerprint": "xyz"}
     assert _differences(prev, changed) == ["config.score.scope", "model_fingerprint"]
+
+
+def test_second_run_into_one_prefix_fails_fast(tmp_path, s3, ray_local, corpus, tiny_model_dir):
+    """Two concurrent drivers on one prefix: the first (`gradshield-ray run`, a subprocess joining this Ray)
+    holds output/_lease.json (created with If-None-Match: *); the second fails in seconds naming the holder.
+    After the first is SIGKILLed the same command resumes at once (the holder's process is gone on this
+    host); a lease of another host is refused until it expires."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import ray
+
+    from gradshield_ray.lease import LeaseHeld
+    from gradshield_ray.ray_pipeline import run_pipeline
+
+    url, client = s3
+    cfg = cfg_for(tiny_model_dir, url, "s3://corpus/lease")
+    path = tmp_path / "c.json"
+    path.write_text(cfg.model_dump_json())  # YAML is a superset of JSON
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "GRADSHIELD_TEST_SLOW_S": "0.5",
+           "AWS_ACCESS_KEY_ID": FAKE_KEY, "AWS_SECRET_ACCESS_KEY": FAKE_SECRET}
+    first = subprocess.Popen([sys.executable, "-m", "gradshield_ray.cli", "run", "--config", str(path)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        t = time.monotonic()
+        while client.list_objects_v2(Bucket="corpus", Prefix="lease/_lease.json").get("KeyCount", 0) == 0:
+            assert first.poll() is None and time.monotonic() - t < 120, "the first driver never took the lease"
+            time.sleep(0.2)
+        t = time.perf_counter()
+        with pytest.raises(LeaseHeld, match=r"in use by another run \(host .*, pid %d" % first.pid):
+            run_pipeline(cfg)
+        assert time.perf_counter() - t < 10
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(30)
+    time.sleep(1.0)  # Ray notices the dead driver and stops its job's workers
+    man = run_pipeline(cfg)  # the holder is gone: taken over at once, and the run completes
+    assert man["counts"]["kept"] + man["counts"]["removed"] + man["counts"]["errors"] == man["counts"]["input"]
+    assert client.list_objects_v2(Bucket="corpus", Prefix="lease/_lease.json").get("KeyCount", 0) == 0  # released
+    # a live lease of another host is refused until it expires
+    other = cfg_for(tiny_model_dir, url, "s3://corpus/lease2", output_files={"lease_s": 3})
+    client.put_object(Bucket="corpus", Key="lease2/_lease.json", Body=json.dumps(
+        {"owner": "x", "host": "another-host", "pid": 1, "expires": time.time() + 3}).encode())
+    with pytest.raises(LeaseHeld, match="another-host"):
+        run_pipeline(other)
+    time.sleep(3.5)
+    from gradshield_ray.lease import Lease
+    from gradshield_ray.stages import storage_json
+
+    with Lease(other.output, storage_json(other), 3):  # expired: taken over
+        held = json.loads(client.get_object(Bucket="corpus", Key="lease2/_lease.json")["Body"].read())
+        assert held["host"] != "another-host" and held["pid"] == os.getpid()
