@@ -120,9 +120,10 @@ def preflight(cfg: GradShieldConfig) -> None:
     from gradshield_ray.model import check_model_config, load_tokenizer
     from gradshield_ray.proxy import load_probes, resolve_pair
 
-    tok = load_tokenizer(cfg.model)
-    check_model_config(cfg.model)
-    check_weights(cfg.model.path)
+    tok = load_tokenizer(cfg.model, cfg.storage)
+    check_model_config(cfg.model, cfg.storage)
+    if os.path.isdir(cfg.model.path):  # a remote checkpoint's weights are verified where they are downloaded
+        check_weights(cfg.model.path)
     resolve_pair(tok, load_probes(cfg.proxy), cfg.proxy)
 
 
@@ -478,7 +479,7 @@ def run_identity(cfg: GradShieldConfig) -> dict[str, Any]:
     scores (see run_pipeline)."""
     c = cfg.to_public_dict()
     relevant = {k: c[k] for k in ("input", "model", "data", "proxy", "score")}
-    return {"config": relevant, "model_fingerprint": report.model_fingerprint(cfg.model.path)}
+    return {"config": relevant, "model_fingerprint": report.model_fingerprint(cfg)}
 
 
 def _differences(prev: Any, cur: Any, path: str = "") -> list[str]:
@@ -562,8 +563,8 @@ def _ray_init() -> None:
     if not ray.is_initialized():
         # "local" starts a fresh local Ray even if another one is running on this machine; a cluster is
         # joined only when RAY_ADDRESS says so (a KubeRay RayJob sets it)
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True,
-                 configure_logging=False)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", configure_logging=False,
+                 log_to_driver=log.isEnabledFor(logging.INFO))  # --quiet: no worker logs
 
 
 def run_pipeline(cfg: GradShieldConfig) -> dict[str, Any]:

@@ -1,7 +1,6 @@
 """What a run writes about itself: report.json, a histogram picture, and the model's identity."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import subprocess
@@ -24,18 +23,12 @@ def code_version() -> str:
     return f"{__version__}+{sha}" if sha else __version__
 
 
-def model_fingerprint(path: str) -> str:
-    """sha256 over config.json and each weight file's name, size and first MiB: cheap on 16 GB
-    checkpoints, and it changes whenever the checkpoint does in practice."""
-    h = hashlib.sha256()
-    root = Path(path)
-    for f in sorted(root.iterdir()):
-        if f.name == "config.json" or f.suffix in (".safetensors", ".bin"):
-            h.update(f.name.encode())
-            h.update(str(f.stat().st_size).encode())
-            with f.open("rb") as fh:
-                h.update(fh.read(1 << 20))
-    return h.hexdigest()[:16]
+def model_fingerprint(cfg) -> str:
+    """The identity of the configured θ₀ (see model_source.fingerprint): wherever it is kept, and an
+    adapter together with its base."""
+    from gradshield_ray.model_source import fingerprint
+
+    return fingerprint(cfg.model.path, cfg.storage, cfg.model.revision, cfg.model.base_path)
 
 
 def run_report(cfg, counts: dict[str, int], decision, summary: ScoreSummary, scoring: dict[str, Any],
@@ -51,7 +44,7 @@ def run_report(cfg, counts: dict[str, int], decision, summary: ScoreSummary, sco
                    "min": summary.min, "max": summary.max,
                    "quantiles": {str(q): summary.quantile(q) for q in (0.01, 0.5, 0.9, 0.99)}},
         "scoring": scoring,
-        "model": {"path": cfg.model.path, "fingerprint": model_fingerprint(cfg.model.path)},
+        "model": {"path": cfg.model.path, "fingerprint": model_fingerprint(cfg)},
         "code_version": code_version(),
         "config": cfg.to_public_dict(),
         "outputs": outputs,
