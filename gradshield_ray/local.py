@@ -4,11 +4,13 @@ Layout under the output directory (input layout mirrored below each folder):
   scored/   every input column + gs_row_id + fihs, gs_n_tokens, gs_n_loss_tokens, gs_truncated, gs_error
   kept/     scored rows with fihs ≤ τ        removed/  scored rows with fihs > τ
   errors/   rows that could not be scored, with gs_error
-  threshold.json, histogram.png, report.json (written last)
+  threshold.json, histogram.png, report.html (the review page), report.json (written last)
 """
 from __future__ import annotations
 
+import io
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gradshield_ray import report
+from gradshield_ray import report, report_html
 from gradshield_ray.config import GradShieldConfig
 from gradshield_ray.parquet_io import InputError, iter_batches, list_parquet, write_table
 from gradshield_ray.summary import ScoreSummary
@@ -71,6 +73,15 @@ def input_inventory(cfg: GradShieldConfig) -> dict[str, Any]:
         "n_non_parquet_ignored": len(others)}
 
 
+def progress_bar(total: int):
+    """A rows progress bar (rows/s, ETA) on a terminal; nothing when stderr is not a TTY or logging is
+    quieter than INFO (--quiet). The same numbers are logged either way."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="row", desc="scoring", dynamic_ncols=True,
+                disable=not (sys.stderr.isatty() and log.isEnabledFor(logging.INFO)))
+
+
 def run_score(cfg: GradShieldConfig, scorer=None) -> dict[str, Any]:
     """Score every input row into scored/ (one output file per input file)."""
     from gradshield_ray.scorer import FIHSScorer
@@ -79,6 +90,7 @@ def run_score(cfg: GradShieldConfig, scorer=None) -> dict[str, Any]:
     out = _out(cfg)
     scorer = scorer or FIHSScorer(cfg)
     t0, done = time.perf_counter(), 0
+    bar = progress_bar(total)
     for f in files:
         rel = f.relative_to(root)
         parts, offset = [], 0
@@ -87,6 +99,7 @@ def run_score(cfg: GradShieldConfig, scorer=None) -> dict[str, Any]:
             parts.append(score_table(scorer, table, ids))
             offset += table.num_rows
             done += table.num_rows
+            bar.update(table.num_rows)
             rate = done / max(time.perf_counter() - t0, 1e-9)
             log.info("scored %d/%d rows (%.1f rows/s, ETA %.0fs)", done, total, rate, (total - done) / rate)
         if not parts:  # a zero-row file still gets its (empty) outputs
@@ -95,6 +108,7 @@ def run_score(cfg: GradShieldConfig, scorer=None) -> dict[str, Any]:
                 schema = schema.append(fld)
             parts = [schema.empty_table()]
         write_table(pa.concat_tables(parts), out / "scored" / rel)
+    bar.close()
     return {"rows": done, "files": len(files), "seconds": time.perf_counter() - t0,
             "tokens": scorer.stats.tokens, "padded_tokens": scorer.stats.padded_tokens,
             "proxy": {"S_theta0": scorer.s0, "v_norm": scorer.v_norm, "n_probes": scorer.n_probes,
@@ -123,21 +137,30 @@ def run_threshold(cfg: GradShieldConfig) -> tuple[ThresholdDecision, ScoreSummar
 def run_filter(cfg: GradShieldConfig, scorer=None) -> dict[str, Any]:
     """score → threshold → split; report.json is written last, after every shard exists."""
     out = _out(cfg)
-    (out / "report.json").unlink(missing_ok=True)  # never leave a stale report beside new shards
+    for stale in ("report.json", "report.html"):  # never leave a stale report beside new shards
+        (out / stale).unlink(missing_ok=True)
     score_info = run_score(cfg, scorer)
     decision, summary = run_threshold(cfg)
     root, files = scored_files(cfg)
     counts = {k: 0 for k in ("input", *SPLITS)}
+    samples: dict[str, list] = {"kept": [], "removed": []}  # report.html's rows (highest fihs of each)
     for f in files:
         scored = pq.read_table(f)
         counts["input"] += scored.num_rows
         for name, part in split_table(scored, decision.tau).items():
             counts[name] += part.num_rows
             write_table(part, out / name / f.relative_to(root))
+            if name in samples:
+                samples[name] = report_html.merge_top(samples[name], report_html.top_rows(part, cfg.data))
     assert counts["input"] == counts["kept"] + counts["removed"] + counts["errors"]
-    report.histogram_png(summary, decision.tau, out / "histogram.png")
-    outputs = {k: str(out / k) for k in ("scored", *SPLITS)} | {"histogram": str(out / "histogram.png")}
+    png = io.BytesIO()
+    report.histogram_png(summary, decision.tau, png)
+    (out / "histogram.png").write_bytes(png.getvalue())
+    outputs = {k: str(out / k) for k in ("scored", *SPLITS)} | {"histogram": str(out / "histogram.png"),
+                                                               "report_html": str(out / "report.html")}
     rep = report.run_report(cfg, counts, decision, summary, score_info, outputs)
     rep["inputs"] = input_inventory(cfg)
+    (out / "report.html").write_text(report_html.render(rep, decision, png.getvalue(), samples["removed"],
+                                                        samples["kept"]))
     report.write_json(rep, out / "report.json")
     return rep
