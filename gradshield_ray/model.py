@@ -1,6 +1,7 @@
 """Load the aligned model θ₀ and its tokenizer once, frozen and in eval mode."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -105,3 +106,33 @@ def pad_id(tokenizer, model) -> int:
         if cand is not None:
             return int(cand)
     return 0
+
+
+def check_weights(path: str) -> None:
+    """Header-only check of the checkpoint's weight files on the driver. A truncated or corrupt
+    safetensors file would otherwise fail only inside the scorer actors (an ActorDiedError after the
+    workers start, tens of seconds later); its header is read through mmap, so this costs milliseconds
+    at any checkpoint size. Limits: *.bin files are only checked to exist, and tensor shapes are not
+    compared with config.json (a mismatch still fails in the actors, with the cause in the error)."""
+    root = Path(path)
+    st, bins = sorted(root.glob("*.safetensors")), sorted(root.glob("*.bin"))
+    if not st and not bins:
+        raise ModelLoadError(f"model.path {path!r} has no weight files (*.safetensors or *.bin)")
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelLoadError(f"model.path {path!r}: {index.name} is not a valid index ({e})") from None
+        missing = sorted(f for f in shards if not (root / f).is_file())
+        if missing:
+            raise ModelLoadError(f"model.path {path!r}: shard(s) {missing} named in {index.name} are missing")
+    from safetensors import safe_open
+
+    for f in st:
+        try:
+            with safe_open(str(f), framework="numpy") as h:
+                h.keys()
+        except Exception as e:  # SafetensorError, OSError
+            raise ModelLoadError(f"model.path {path!r}: {f.name} is not a valid safetensors file "
+                                 f"({type(e).__name__}: {e})") from None

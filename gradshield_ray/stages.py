@@ -1,0 +1,288 @@
+"""The Ray Data stages of the pipeline, as plain functions and one actor class.
+
+Row-level transforms, usable on ANY Ray Dataset of rows with the configured chat columns:
+  render_batch(batch, cfg) -> batch      CPU: + gs_input_ids, gs_loss_mask, gs_n_tokens, gs_n_loss_tokens,
+                                         gs_truncated, gs_error (rows that cannot render get gs_error)
+  ScoreActor(cfg)(batch) -> batch        GPU: rendered rows → input columns + fihs and the gs_* score
+                                         columns (token columns dropped); the model loads once per actor
+Unit-level stages of the resumable runner (ray_pipeline.run_pipeline), wrapping the two above:
+  read_render      one unit descriptor → its rows read, row ids attached, rendered → one IPC row
+  UnitScoreActor   one unit's IPC row → scored chunks of ray.batch_rows rows (deterministic composition)
+  write_parts      scored chunks → scored/ parts, reported with their score summary
+  split_part       pass 2: a scored part → kept/ removed/ errors/ by τ
+  aggregate_parts  a Ray Data reduce of parts' fihs column into one ScoreSummary
+"""
+from __future__ import annotations
+
+import functools
+import gc
+import io
+import json
+import logging
+import os
+import traceback
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gradshield_ray import faults as fault
+from gradshield_ray import storage
+from gradshield_ray.config import GradShieldConfig
+from gradshield_ray.errors import DatasetFailed
+from gradshield_ray.listing import row_id
+from gradshield_ray.summary import ScoreSummary
+from gradshield_ray.tables import ROW_ID, finite_scores, render_table, score_rendered, split_table
+
+log = logging.getLogger("gradshield_ray")
+SPLITS = ("kept", "removed", "errors")
+UNIT = "gs_unit"
+OFFSET = "gs_offset"
+BLOB = "gs_rendered"  # one unit's rendered rows as an Arrow IPC stream (see read_render)
+
+
+def _config(cfg: GradShieldConfig | str, storage_json: str | None = None) -> GradShieldConfig:
+    """The config a worker uses. A config travels as JSON without its secrets (SecretStr dumps masked), so
+    storage settings resolved on the driver (storage_json) are put back here: an s3:// model needs them."""
+    cfg = cfg if isinstance(cfg, GradShieldConfig) else GradShieldConfig.model_validate_json(cfg)
+    if storage_json:
+        cfg = cfg.model_copy(update={"storage": storage.StorageConfig.model_validate_json(storage_json)})
+    return cfg
+
+
+# ---------------------------------------------------------------- small I/O helpers (run in workers)
+
+
+@functools.lru_cache(maxsize=4)
+def _fs(uri: str, storage_json: str):
+    from gradshield_ray.storage import StorageConfig
+
+    return storage.filesystem(uri, StorageConfig.model_validate_json(storage_json))
+
+
+def storage_json(cfg: GradShieldConfig) -> str:
+    """Storage settings for workers, credentials resolved on the driver (see storage.resolved_json)."""
+    return storage.resolved_json(cfg.storage)
+
+
+def _write_parquet(fs, path: str, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes(fs, path, buf.getvalue())
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(model_json: str, storage_json: str):
+    from gradshield_ray.config import ModelConfig
+    from gradshield_ray.model import load_tokenizer
+
+    return load_tokenizer(ModelConfig.model_validate_json(model_json),
+                          storage.StorageConfig.model_validate_json(storage_json))
+
+
+# ---------------------------------------------------------------- row-level transforms (any dataset)
+
+
+def render_batch(batch: pa.Table, cfg: GradShieldConfig | str) -> pa.Table:
+    """CPU stage on any batch of rows: render + tokenize with the model's chat template (the tokenizer is
+    loaded once per worker process). Pure: the same rows give the same tokens."""
+    cfg = _config(cfg)
+    return render_table(_tokenizer(cfg.model.model_dump_json(), storage_json(cfg)), batch, cfg.data)
+
+
+class ScoreActor:
+    """GPU stage on any batch of rendered rows: the model and v are loaded once per actor, in __init__;
+    each call returns the batch with its token columns replaced by fihs and the gs_* score columns.
+    Which rows share a scorer call can change a score in its last bits: for bit-identical reruns, feed
+    batches of a fixed composition (the unit runner does: see UnitScoreActor)."""
+
+    def __init__(self, cfg: GradShieldConfig | str, faults: fault.Faults | None = None,
+                 storage_json: str | None = None):
+        from gradshield_ray.scorer import FIHSScorer
+
+        cfg = _config(cfg, storage_json)
+        self.batch_rows = cfg.ray.batch_rows
+        self.scorer = FIHSScorer(cfg)
+        self.faults = faults or {}
+        fault.log_load(self.faults, str(os.getpid()))
+        self.calls = 0  # scorer calls on this actor (the test-only kill hook counts them)
+
+    def score(self, table: pa.Table) -> pa.Table:
+        """Score one batch of rendered rows in one scorer call."""
+        self.calls += 1
+        fault.maybe_kill_actor(self.faults, self.calls)
+        fault.slow(self.faults)
+        return score_rendered(self.scorer, table)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.score(batch)
+
+
+# ---------------------------------------------------------------- unit-level stages (the resumable runner)
+
+
+def _to_ipc(table: pa.Table) -> pa.Buffer:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue()
+
+
+def _from_ipc(value: pa.Scalar) -> pa.Table:
+    return pa.ipc.open_stream(value.as_buffer()).read_all()
+
+
+def _one_row(table: pa.Table) -> pa.Table:
+    """Rows of one unit (in order) as ONE row of the fixed inter-stage schema: unit key, rows, IPC."""
+    data = _to_ipc(table)
+    offsets = pa.py_buffer(np.array([0, data.size], dtype=np.int64).tobytes())
+    return pa.table({UNIT: pa.array([table[UNIT][0].as_py()], pa.string()),
+                     "n_rows": pa.array([table.num_rows], pa.int64()),
+                     BLOB: pa.Array.from_buffers(pa.large_binary(), 1, [None, offsets, data])})
+
+
+def read_render(batch: pa.Table, input_uri: str, storage_json: str, cfg_json: str) -> pa.Table:
+    """CPU stage: read one unit's row group, attach row ids, render + tokenize.
+
+    Each unit leaves as ONE row holding its rendered table as an Arrow IPC stream (BLOB), and so do the
+    scorer's chunks. Input files may have different schemas (an extra column; messages as a JSON string in
+    one file and a list in another); Ray Data bundles and concatenates blocks between stages, which fails
+    on incompatible types and null-fills missing columns. With one fixed schema between stages nothing is
+    unified, and every part keeps exactly its own file's columns."""
+    cfg = _config(cfg_json, storage_json)
+    fs, _ = _fs(input_uri, storage_json)
+    outs = []
+    for u in batch.to_pylist():
+        with fs.open_input_file(u["path"]) as f:
+            t = pq.ParquetFile(f).read_row_group(u["row_group"])
+        n = t.num_rows
+        key = u["rel"] + f"/rg-{u['row_group']:05d}"
+        t = t.append_column(ROW_ID, pa.array([row_id(u["rel"], u["offset"] + i) for i in range(n)], pa.string()))
+        t = t.append_column(UNIT, pa.array([key] * n, pa.string()))
+        t = t.append_column(OFFSET, pa.array(np.arange(n, dtype=np.int64) + u["offset"]))
+        outs.append(_one_row(render_batch(t, cfg)))
+    return pa.concat_tables(outs)
+
+
+class UnitScoreActor(ScoreActor):
+    """ScoreActor over the unit runner's one-row units (batch_size=1 over read_render's output)."""
+
+    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
+        """One unit per call: its rows are scored in chunks of ray.batch_rows cut in row order, so which
+        rows share a scorer call (and so every score, bit for bit) does not depend on scheduling or on the
+        actor pool size; the chunks keep the unit's own schema and leave as one IPC row each, like the
+        units came in."""
+        for k in range(batch.num_rows):
+            table = _from_ipc(batch[BLOB][k])
+            for start in range(0, table.num_rows, self.batch_rows):
+                yield _one_row(self.score(table.slice(start, self.batch_rows)))
+
+
+def write_parts(batch: pa.Table, output_uri: str, storage_json: str, faults: fault.Faults | None = None) -> pa.Table:
+    """Write each scored chunk (one IPC row: rows of one unit) as one part named by its first row offset
+    (deterministic, so a retried task overwrites instead of duplicating); report what was written, with
+    the part's score summary (the reduce merges these: no second read of the scores)."""
+    fs, out_root = _fs(output_uri, storage_json)
+    rows = []
+    for k in range(batch.num_rows):
+        t = _from_ipc(batch[BLOB][k])
+        key = t[UNIT][0].as_py()
+        offs = t[OFFSET].to_numpy()
+        first = int(offs.min())
+        path = storage.join(out_root, "scored", key, f"part-{first:012d}.parquet")
+        _write_parquet(fs, path, t.drop_columns([UNIT, OFFSET]))
+        rows.append({"unit": key, "first": first, "last": int(offs.max()), "n": t.num_rows, "path": path,
+                     "tokens": int(np.nansum(t["gs_n_tokens"].to_numpy(zero_copy_only=False).astype(float))),
+                     "summary": json.dumps(ScoreSummary.from_values(finite_scores(t)).to_dict())})
+        fault.maybe_fail(faults, lambda: len(storage.list_files(fs, storage.join(out_root, "scored"), ".parquet")))
+        fault.slow(faults)
+    return pa.Table.from_pylist(rows)
+
+
+def split_part(batch: pa.Table, output_uri: str, storage_json: str, tau: float,
+               faults: fault.Faults | None = None) -> pa.Table:
+    """Pass 2: one committed scored part → its kept/removed/errors parts (same relative name)."""
+    fs, out_root = _fs(output_uri, storage_json)
+    prefix = storage.join(out_root, "scored") + "/"
+    rows = []
+    for path in batch["path"].to_pylist():
+        with fs.open_input_file(path) as f:
+            scored = pq.read_table(f)
+        rel = path[len(prefix):]
+        counts = {"path": path}
+        for name, part in split_table(scored, tau).items():
+            _write_parquet(fs, storage.join(out_root, name, rel), part)
+            counts[name] = part.num_rows
+        rows.append(counts)
+        fault.slow(faults)
+    return pa.Table.from_pylist(rows)
+
+
+# ---------------------------------------------------------------- running a dataset on the driver
+
+
+def iter_rows(ds) -> Iterator[dict[str, Any]]:
+    """ds.iter_rows(), failing with DatasetFailed instead of the original exception. Ray Data lets a
+    failed dataset's actors (and their GPUs) go only when its executor is garbage-collected, and the
+    original exception keeps the executor alive through its context's frames: a rerun in the same driver
+    (a retry loop, a notebook, a test) would wait forever for those GPUs. So the original exception is
+    logged, dropped, and collected before a plain one with its message is raised."""
+    try:
+        yield from ds.iter_rows()
+        return
+    except Exception as e:
+        log.debug("dataset failed", exc_info=True)
+        msg = "".join(traceback.format_exception_only(type(e), e)).strip()
+    del ds
+    gc.collect()
+    raise DatasetFailed(msg)
+
+
+def collect(fn) -> Any:
+    """fn() (a Ray Data call), with a failure handled as in iter_rows."""
+    try:
+        return fn()
+    except Exception as e:
+        log.debug("dataset failed", exc_info=True)
+        msg = "".join(traceback.format_exception_only(type(e), e)).strip()
+    gc.collect()
+    raise DatasetFailed(msg)
+
+
+def aggregate_parts(parts: list[str], fs) -> ScoreSummary:
+    """Ray Data reduce of scored parts' fihs column into one summary (O(bins) memory at any row count).
+    The schema is pinned to the one column read: parts of input files with different schemas are never
+    unified, and hive-style input folders (key=value/) add no partition columns."""
+    import ray
+
+    fihs_only = pa.schema([("fihs", pa.float64())])
+    agg = collect(lambda: ray.data.read_parquet(parts, filesystem=fs, columns=["fihs"], partitioning=None,
+                                                schema=fihs_only).aggregate(SummaryAgg.build()))
+    return ScoreSummary.from_dict(agg["summary"]) if agg and agg.get("summary") else ScoreSummary.empty()
+
+
+class SummaryAgg:
+    """Ray Data aggregate: fihs column → mergeable ScoreSummary (O(bins) memory at any row count)."""
+
+    @staticmethod
+    def build():
+        from ray.data.aggregate import AggregateFnV2
+
+        class _Agg(AggregateFnV2):
+            def __init__(self):
+                super().__init__("summary", zero_factory=lambda: ScoreSummary.empty().to_dict(),
+                                 on="fihs", ignore_nulls=True)
+
+            def aggregate_block(self, block) -> dict:
+                col = block["fihs"] if isinstance(block, pa.Table) else block.to_arrow()["fihs"]
+                vals = pa.compute.drop_null(col).to_numpy().astype(np.float64)
+                return ScoreSummary.from_values(vals).to_dict()
+
+            def combine(self, a: dict, b: dict) -> dict:
+                return ScoreSummary.from_dict(a).merge(ScoreSummary.from_dict(b)).to_dict()
+
+            def finalize(self, acc: dict) -> dict:
+                return acc
+
+        return _Agg()
