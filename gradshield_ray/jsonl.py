@@ -47,15 +47,19 @@ def _parse(line: bytes, where: str) -> tuple[dict[str, Any] | None, str | None]:
     return obj, None
 
 
-def _column(values: list[Any]) -> pa.Array:
-    """Arrow's own type for the values, or JSON text when they have no common type."""
+def _column(values: list[Any], nested_as_json: bool = False) -> pa.Array:
+    """Arrow's own type for the values, or JSON text when they have no common type (or, with
+    nested_as_json, whenever they are lists or objects: one schema for files of any shape)."""
+    if nested_as_json and any(isinstance(v, (list, dict)) for v in values):
+        return pa.array([None if v is None else json.dumps(v, ensure_ascii=False) for v in values], pa.string())
     try:
         return pa.array(values)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
         return pa.array([None if v is None else json.dumps(v, ensure_ascii=False) for v in values], pa.string())
 
 
-def parse_lines(lines: Iterable[bytes], rel: str, required: Sequence[str] = ()) -> pa.Table:
+def parse_lines(lines: Iterable[bytes], rel: str, required: Sequence[str] = (), nested_as_json: bool = False
+                ) -> pa.Table:
     """One row per non-blank line: the object's keys as columns, plus ROW_ID, JSON_ERROR and RAW_LINE.
     `required` columns exist even when no line has them (null: each such row is an error row with a reason,
     not a file that fails the run)."""
@@ -75,27 +79,45 @@ def parse_lines(lines: Iterable[bytes], rel: str, required: Sequence[str] = ()) 
     clash = [k for k in keys if k.startswith("gs_")]
     if clash:
         raise JsonlFileError(f"{rel}: key(s) {clash} clash with the gs_* columns gradshield_ray writes")
-    cols = {k: _column([o.get(k) for o in objs]) for k in keys}
+    cols = {k: _column([o.get(k) for o in objs], nested_as_json) for k in keys}
     cols[ROW_ID] = pa.array(ids, pa.string())
     cols[JSON_ERROR] = pa.array(errors, pa.string())
     cols[RAW_LINE] = pa.array(raws, pa.binary())
     return pa.table(cols)
 
 
-def read_stream(f: IO[bytes], rel: str, required: Sequence[str] = ()) -> pa.Table:
-    """All rows of one open (already decompressed) file."""
-    try:
-        data = f.read()
-    except (OSError, EOFError) as e:
-        raise JsonlFileError(f"{rel}: cannot be read ({type(e).__name__}: {e}); is the gzip file truncated?") from None
-    return parse_lines(bytes(data).split(b"\n"), rel, required)
+def _lines(data: bytes) -> list[bytes]:
+    return data.split(b"\n")
 
 
-def read_file(fs: pafs.FileSystem, path: str, rel: str, required: Sequence[str] = ()) -> pa.Table:
-    """One JSONL file from any pyarrow filesystem; *.gz is decompressed."""
-    compression = "gzip" if path.endswith(".gz") else None
+def _open(fs: pafs.FileSystem, path: str, rel: str):
     try:
-        with fs.open_input_stream(path, compression=compression) as f:
-            return read_stream(f, rel, required)
-    except pa.ArrowInvalid as e:  # a gzip header that is not gzip
+        return fs.open_input_stream(path, compression="gzip" if path.endswith(".gz") else None)
+    except pa.ArrowInvalid as e:
         raise JsonlFileError(f"{rel}: not a readable gzip file ({e})") from None
+
+
+def _read(f: IO[bytes], rel: str) -> bytes:
+    try:
+        return bytes(f.read())
+    except (OSError, EOFError, pa.ArrowInvalid) as e:
+        raise JsonlFileError(f"{rel}: cannot be read ({type(e).__name__}: {e}); is the gzip file truncated?"
+                             ) from None
+
+
+def count_rows(fs: pafs.FileSystem, path: str, rel: str) -> int:
+    """How many rows read_file will give (non-blank lines): the runner's unit size, known before reading."""
+    with _open(fs, path, rel) as f:
+        return sum(1 for line in _lines(_read(f, rel)) if line.strip())
+
+
+def read_stream(f: IO[bytes], rel: str, required: Sequence[str] = (), nested_as_json: bool = False) -> pa.Table:
+    """All rows of one open (already decompressed) file."""
+    return parse_lines(_lines(_read(f, rel)), rel, required, nested_as_json)
+
+
+def read_file(fs: pafs.FileSystem, path: str, rel: str, required: Sequence[str] = (),
+              nested_as_json: bool = False) -> pa.Table:
+    """One JSONL file from any pyarrow filesystem; *.gz is decompressed."""
+    with _open(fs, path, rel) as f:
+        return read_stream(f, rel, required, nested_as_json)

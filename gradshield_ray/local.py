@@ -13,12 +13,14 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pyarrow.fs import LocalFileSystem
 
-from gradshield_ray import report, report_html
+from gradshield_ray import jsonl, report, report_html
+from gradshield_ray.render import required_columns
 from gradshield_ray.config import GradShieldConfig
 from gradshield_ray.parquet_io import InputError, iter_batches, list_parquet, write_table
 from gradshield_ray.summary import ScoreSummary
@@ -43,13 +45,16 @@ def preflight(cfg: GradShieldConfig) -> tuple[Path, list[Path], int]:
     it, because its rows are unknown."""
     if not cfg.input:
         raise ValueError("input is not set (--input or `input:` in the config)")
-    root, files = list_parquet(cfg.input)
+    root, files = list_parquet(cfg.input, with_jsonl=True)
     empty = [f for f in files if f.stat().st_size == 0]
     if empty:
         log.warning("skipping %d empty (0-byte) input file(s), e.g. %s", len(empty), empty[0])
         files = [f for f in files if f.stat().st_size > 0]
     total = 0
     for f in files:
+        if jsonl.is_jsonl(f.name):  # no schema to check: a line without the chat column is an error row
+            total += jsonl.count_rows(LocalFileSystem(), str(f), f.relative_to(root).as_posix())
+            continue
         try:
             meta = pq.ParquetFile(f)
         except Exception as e:
@@ -64,8 +69,8 @@ def preflight(cfg: GradShieldConfig) -> tuple[Path, list[Path], int]:
 def input_inventory(cfg: GradShieldConfig) -> dict[str, Any]:
     """What the input holds besides the files read: 0-byte *.parquet files (skipped) and files not named
     *.parquet (not input); written into report.json so nothing is left out silently."""
-    root, files = list_parquet(cfg.input)
-    others = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix != ".parquet") if Path(
+    root, files = list_parquet(cfg.input, with_jsonl=True)
+    others = sorted(p for p in root.rglob("*") if p.is_file() and p not in files) if Path(
         cfg.input).is_dir() else []
     rel = lambda ps: [p.relative_to(root).as_posix() for p in ps]  # noqa: E731
     return {"files": sum(1 for f in files if f.stat().st_size), "empty_files_skipped": rel(
@@ -82,6 +87,18 @@ def progress_bar(total: int):
                 disable=not (sys.stderr.isatty() and log.isEnabledFor(logging.INFO)))
 
 
+def _batches(f: Path, rel: str, cfg: GradShieldConfig) -> Iterator[tuple[pa.Table, list[str] | None]]:
+    """(rows, their ids or None for file:index) in batches of rows_per_batch. A JSONL file is read whole
+    (its row ids are file:line, from the reader); a Parquet file batch by batch."""
+    if not jsonl.is_jsonl(f.name):
+        yield from ((t, None) for t in iter_batches(f, cfg.rows_per_batch))
+        return
+    t = jsonl.read_file(LocalFileSystem(), str(f), rel, required_columns(cfg.data))
+    for start in range(0, t.num_rows, cfg.rows_per_batch):
+        part = t.slice(start, cfg.rows_per_batch)
+        yield part.drop_columns([ROW_ID]), part[ROW_ID].to_pylist()
+
+
 def run_score(cfg: GradShieldConfig, scorer=None) -> dict[str, Any]:
     """Score every input row into scored/ (one output file per input file)."""
     from gradshield_ray.scorer import FIHSScorer
@@ -94,20 +111,22 @@ def run_score(cfg: GradShieldConfig, scorer=None) -> dict[str, Any]:
     for f in files:
         rel = f.relative_to(root)
         parts, offset = [], 0
-        for table in iter_batches(f, cfg.rows_per_batch):
-            ids = [f"{rel.as_posix()}:{offset + i}" for i in range(table.num_rows)]
-            parts.append(score_table(scorer, table, ids))
+        for table, ids in _batches(f, rel.as_posix(), cfg):
+            parts.append(score_table(scorer, table, ids or [f"{rel.as_posix()}:{offset + i}"
+                                                            for i in range(table.num_rows)]))
             offset += table.num_rows
             done += table.num_rows
             bar.update(table.num_rows)
             rate = done / max(time.perf_counter() - t0, 1e-9)
             log.info("scored %d/%d rows (%.1f rows/s, ETA %.0fs)", done, total, rate, (total - done) / rate)
         if not parts:  # a zero-row file still gets its (empty) outputs
-            schema = pq.ParquetFile(f).schema_arrow.append(pa.field(ROW_ID, pa.string()))
+            schema = (jsonl.read_file(LocalFileSystem(), str(f), rel.as_posix(), required_columns(cfg.data)).schema
+                      if jsonl.is_jsonl(f.name) else pq.ParquetFile(f).schema_arrow.append(pa.field(ROW_ID, pa.string())))
             for fld in SCORE_SCHEMA:
                 schema = schema.append(fld)
             parts = [schema.empty_table()]
-        write_table(pa.concat_tables(parts), out / "scored" / rel)
+        write_table(pa.concat_tables(parts), out / "scored" / (
+            rel.with_name(rel.name + ".parquet") if jsonl.is_jsonl(rel.name) else rel))
     bar.close()
     return {"rows": done, "files": len(files), "seconds": time.perf_counter() - t0,
             "tokens": scorer.stats.tokens, "padded_tokens": scorer.stats.padded_tokens,

@@ -9,7 +9,7 @@ Output layout under `output` (local path or s3://):
                                   skips these units; the reduce merges their summaries, so τ needs no
                                   second read of the scores)
   kept/ removed/ errors/          the same part layout, split by τ
-  threshold.json, report.json, histogram.png, manifest.json (the commit marker of the whole run)
+  threshold.json, report.json, report.html, histogram.png, manifest.json (the commit marker of the whole run)
 
 Resume: state lives in object storage. A rerun skips units with a marker, deletes partial parts of
 the others and rescores them; pass 2 is cheap and is redone whole until manifest.json exists. Markers
@@ -22,6 +22,7 @@ before the first unit commits, so a prefix holds a run identity exactly when it 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import time
@@ -29,7 +30,7 @@ from dataclasses import asdict
 from typing import Any
 
 from gradshield_ray import faults as fault
-from gradshield_ray import report, storage
+from gradshield_ray import report, report_html, storage
 from gradshield_ray.config import GradShieldConfig
 from gradshield_ray.errors import DatasetFailed, RunError  # noqa: F401  (re-exported for callers)
 from gradshield_ray.ledger import Ledger, check_output, verify_splits
@@ -156,20 +157,21 @@ def reduce(cfg: GradShieldConfig, units: list[Unit], ledger: Ledger) -> tuple[Th
 
 
 def pass2(cfg: GradShieldConfig, parts: list[str], tau: float, fs, out_root: str,
-          faults: fault.Faults) -> dict[str, int]:
+          faults: fault.Faults) -> tuple[dict[str, int], dict[str, list]]:
     """Split every committed part by τ; redone whole until the manifest exists. A report left by an
-    attempt that died before its manifest is removed first, so no report outlives its attempt."""
+    attempt that died before its manifest is removed first, so no report outlives its attempt. Returns
+    the counts and report.html's row samples (each part's top rows, merged)."""
     import ray
 
-    report_path = storage.join(out_root, "report.json")
-    if storage.exists(fs, report_path):
-        fs.delete_file(report_path)
+    for name in ("report.json", "report.html"):
+        if storage.exists(fs, storage.join(out_root, name)):
+            fs.delete_file(storage.join(out_root, name))
     for name in SPLITS:
         storage.delete_dir(fs, storage.join(out_root, name))
     split = ray.data.from_items([{"path": p} for p in parts], override_num_blocks=max(1, min(len(parts), 1000)))
     split = split.map_batches(split_part, batch_size=16, batch_format="pyarrow", num_cpus=0.5,
                               fn_kwargs=dict(output_uri=cfg.output, storage_json=storage_json(cfg), tau=tau,
-                                             faults=faults))
+                                             faults=faults, data_json=cfg.data.model_dump_json()))
     by_part: dict[str, dict] = {}
     rows, split = iter_rows(split), None
     for row in rows:
@@ -178,13 +180,18 @@ def pass2(cfg: GradShieldConfig, parts: list[str], tau: float, fs, out_root: str
             raise RunError(f"part {row['path']} was split twice with different counts")
     if set(by_part) != set(parts):
         raise RunError(f"pass 2 split {len(by_part)} of {len(parts)} parts")
-    return {k: sum(r[k] for r in by_part.values()) for k in SPLITS}
+    samples: dict[str, list] = {"kept": [], "removed": []}
+    for r in by_part.values():
+        for name in samples:
+            samples[name] = report_html.merge_top(samples[name], json.loads(r[f"top_{name}"]))
+    return {k: sum(r[k] for r in by_part.values()) for k in SPLITS}, samples
 
 
 def finalize(cfg: GradShieldConfig, fs, out_root: str, counts: dict[str, int], decision: ThresholdDecision,
              summary: ScoreSummary, scoring: dict[str, Any], listing: InputListing,
-             extra: dict[str, Any]) -> dict[str, Any]:
-    """Conservation checks, then histogram.png, report.json and manifest.json (last: the commit marker)."""
+             extra: dict[str, Any], samples: dict[str, list] | None = None) -> dict[str, Any]:
+    """Conservation checks, then histogram.png, report.html, report.json and manifest.json (last: the
+    commit marker)."""
     if counts["kept"] + counts["removed"] + counts["errors"] != counts["input"]:
         raise RunError(f"conservation violated: {counts}")
     if counts["kept"] + counts["removed"] != summary.count:
@@ -192,11 +199,15 @@ def finalize(cfg: GradShieldConfig, fs, out_root: str, counts: dict[str, int], d
                        "rows have one")
     outputs = {k: storage.join(cfg.output, k) for k in ("scored", *SPLITS)}
     outputs["histogram"] = storage.join(cfg.output, "histogram.png")
+    outputs["report_html"] = storage.join(cfg.output, "report.html")
     rep = report.run_report(cfg, counts, decision, summary, scoring, outputs)
     rep["inputs"] = listing.report()
     png = io.BytesIO()
     report.histogram_png(summary, decision.tau, png)
     storage.write_bytes(fs, storage.join(out_root, "histogram.png"), png.getvalue())
+    samples = samples or {"kept": [], "removed": []}
+    storage.write_bytes(fs, storage.join(out_root, "report.html"), report_html.render(
+        report._jsonable(rep), decision, png.getvalue(), samples["removed"], samples["kept"]).encode())
     storage.write_json(fs, storage.join(out_root, "report.json"), report._jsonable(rep))
     manifest = report._jsonable({**rep, **extra})
     storage.write_json(fs, storage.join(out_root, "manifest.json"), manifest)  # last: the commit marker
@@ -227,7 +238,7 @@ def run_pipeline(cfg: GradShieldConfig) -> dict[str, Any]:
         raise RunError(f"{len(missing)} units were not committed (first: {missing[0]})")
     parts = sorted(p for u in units for p in ledger.done[u.key]["parts"])
     decision, summary = reduce(cfg, units, ledger)
-    counts = pass2(cfg, parts, decision.tau, fs, out_root, faults)
+    counts, samples = pass2(cfg, parts, decision.tau, fs, out_root, faults)
     counts["input"] = sum(u.n_rows for u in units)
     verify_splits(fs, out_root, parts)
 
@@ -235,4 +246,5 @@ def run_pipeline(cfg: GradShieldConfig) -> dict[str, Any]:
                "units": len(units), "seconds": time.perf_counter() - t0}
     scored = storage.join(out_root, "scored")
     kept = [storage.join(cfg.output, "kept", p[len(scored) + 1:]) for p in parts]
-    return finalize(cfg, fs, out_root, counts, decision, summary, scoring, listing, {"kept_parts": kept})
+    return finalize(cfg, fs, out_root, counts, decision, summary, scoring, listing, {"kept_parts": kept},
+                    samples)

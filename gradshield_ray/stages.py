@@ -28,9 +28,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gradshield_ray import faults as fault
-from gradshield_ray import storage
-from gradshield_ray.config import GradShieldConfig
-from gradshield_ray.errors import DatasetFailed
+from gradshield_ray import jsonl, report_html, storage
+from gradshield_ray.config import DataConfig, GradShieldConfig
+from gradshield_ray.errors import DatasetFailed, RunError
+from gradshield_ray.render import required_columns
 from gradshield_ray.listing import row_id
 from gradshield_ray.summary import ScoreSummary
 from gradshield_ray.tables import ROW_ID, finite_scores, render_table, score_rendered, split_table
@@ -154,11 +155,18 @@ def read_render(batch: pa.Table, input_uri: str, storage_json: str, cfg_json: st
     fs, _ = _fs(input_uri, storage_json)
     outs = []
     for u in batch.to_pylist():
-        with fs.open_input_file(u["path"]) as f:
-            t = pq.ParquetFile(f).read_row_group(u["row_group"])
+        if jsonl.is_jsonl(u["path"]):  # a whole file; row ids file:line come from the reader
+            t = jsonl.read_file(fs, u["path"], u["rel"], required_columns(cfg.data))
+            if t.num_rows != u["n_rows"]:
+                raise RunError(f"{u['rel']} has {t.num_rows} rows now, {u['n_rows']} when listed: it changed "
+                               "during the run; rerun with a new output prefix")
+        else:
+            with fs.open_input_file(u["path"]) as f:
+                t = pq.ParquetFile(f).read_row_group(u["row_group"])
+            t = t.append_column(ROW_ID, pa.array([row_id(u["rel"], u["offset"] + i) for i in range(t.num_rows)],
+                                                 pa.string()))
         n = t.num_rows
         key = u["rel"] + f"/rg-{u['row_group']:05d}"
-        t = t.append_column(ROW_ID, pa.array([row_id(u["rel"], u["offset"] + i) for i in range(n)], pa.string()))
         t = t.append_column(UNIT, pa.array([key] * n, pa.string()))
         t = t.append_column(OFFSET, pa.array(np.arange(n, dtype=np.int64) + u["offset"]))
         outs.append(_one_row(render_batch(t, cfg)))
@@ -201,8 +209,9 @@ def write_parts(batch: pa.Table, output_uri: str, storage_json: str, faults: fau
 
 
 def split_part(batch: pa.Table, output_uri: str, storage_json: str, tau: float,
-               faults: fault.Faults | None = None) -> pa.Table:
-    """Pass 2: one committed scored part → its kept/removed/errors parts (same relative name)."""
+               faults: fault.Faults | None = None, data_json: str | None = None) -> pa.Table:
+    """Pass 2: one committed scored part → its kept/removed/errors parts (same relative name), with the
+    part's report.html samples (its top kept and removed rows, JSON) when data_json is given."""
     fs, out_root = _fs(output_uri, storage_json)
     prefix = storage.join(out_root, "scored") + "/"
     rows = []
@@ -214,6 +223,8 @@ def split_part(batch: pa.Table, output_uri: str, storage_json: str, tau: float,
         for name, part in split_table(scored, tau).items():
             _write_parquet(fs, storage.join(out_root, name, rel), part)
             counts[name] = part.num_rows
+            if data_json and name != "errors":
+                counts[f"top_{name}"] = json.dumps(report_html.top_rows(part, DataConfig.model_validate_json(data_json)))
         rows.append(counts)
         fault.slow(faults)
     return pa.Table.from_pylist(rows)

@@ -9,7 +9,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from gradshield_ray.config import DataConfig
-from gradshield_ray.jsonl import JsonlFileError, is_jsonl, read_file
+from gradshield_ray.jsonl import JsonlFileError, count_rows, is_jsonl, read_file
 from gradshield_ray.miniature.testing import build_tokenizer
 from gradshield_ray.tables import JSON_ERROR, RAW_LINE, ROW_ID, render_table
 
@@ -56,6 +56,7 @@ def test_every_line_is_one_row(tmp_path, name, gz):
     assert is_jsonl(path)
     t = read_file(pafs.LocalFileSystem(), path, "d/x.jsonl", required=["messages"])
     assert t[ROW_ID].to_pylist() == list(EXPECT)
+    assert count_rows(pafs.LocalFileSystem(), path, "d/x.jsonl") == t.num_rows  # the runner's unit size
     errs = dict(zip(t[ROW_ID].to_pylist(), t[JSON_ERROR].to_pylist()))
     raws = dict(zip(t[ROW_ID].to_pylist(), t[RAW_LINE].to_pylist()))
     for rid, line in (("d/x.jsonl:3", LINES[2]), ("d/x.jsonl:5", LINES[4]), ("d/x.jsonl:8", LINES[7])):
