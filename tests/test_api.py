@@ -56,7 +56,7 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
 
 
 def rows_of(d: Path) -> list[dict]:
-    return [r for f in sorted(d.rglob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    return [r for f in sorted(d.rglob("*.parquet")) if f.is_file() for r in pq.read_table(f).to_pylist()]
 
 
 @pytest.fixture(scope="module")

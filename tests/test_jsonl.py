@@ -109,3 +109,29 @@ def test_key_clashing_with_our_columns_fails(tmp_path):
     p = write(tmp_path / "k.jsonl", [json.dumps({"messages": CHAT, "gs_row_id": "x"})])
     with pytest.raises(JsonlFileError, match="clash"):
         read_file(pafs.LocalFileSystem(), p, "k.jsonl")
+
+
+def test_local_runner_reads_jsonl(tmp_path, tiny_model_dir):
+    """`gradshield-ray filter` on JSONL (plain and gzip, beside Parquet): every line kept, removed or an error
+    row with its reason; outputs named <file>.parquet; ids file:line."""
+    import pyarrow.parquet as pq
+
+    from gradshield_ray import local
+    from gradshield_ray.config import GradShieldConfig
+
+    d = tmp_path / "in"
+    d.mkdir()
+    write(d / "x.jsonl", LINES)
+    write(d / "y.jsonl.gz", LINES[:1], gz=True)
+    rep = local.run_filter(GradShieldConfig.model_validate(
+        {"input": str(d), "output": str(tmp_path / "o"), "model": {"path": tiny_model_dir},
+         "proxy": {"max_probes": 2}, "score": {"verify_rows": 0}, "threshold": {"policy": "keep_all"}}))
+    assert rep["counts"] == {"input": 8, "kept": 4, "removed": 0, "errors": 4}
+    rows = {r[ROW_ID]: r for k in ("kept", "errors") for f in sorted((tmp_path / "o" / k).rglob("*.parquet"))
+            for r in pq.read_table(f).to_pylist()}
+    assert sorted((tmp_path / "o" / "kept").rglob("*.parquet")) == [tmp_path / "o" / "kept" / "x.jsonl.parquet",
+                                                                  tmp_path / "o" / "kept" / "y.jsonl.gz.parquet"]
+    expect = {k.replace("d/x.jsonl", "x.jsonl"): v for k, v in EXPECT.items()} | {"y.jsonl.gz:1": None}
+    assert set(rows) == set(expect)
+    for rid, reason in expect.items():
+        assert (rows[rid]["gs_error"] is None) if reason is None else (reason.replace("d/x", "x") in rows[rid]["gs_error"])
