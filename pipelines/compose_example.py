@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import gradshield_ray as gs
@@ -94,7 +96,10 @@ def train_loop(c: dict[str, Any]) -> None:
         opt.step()
         rows += len(enc)
         losses.append(float(loss))
-    ray.train.report({"rows": rows, "mean_loss": sum(losses) / max(len(losses), 1)})
+    metrics = {"rows": rows, "mean_loss": sum(losses) / max(len(losses), 1)}
+    with tempfile.TemporaryDirectory() as d:  # Ray Train keeps the metrics reported with a checkpoint
+        Path(d, "metrics.json").write_text(json.dumps(metrics))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def train_on_kept(kept, config: gs.GradShieldConfig, storage_path: str, batch_size: int = 8,

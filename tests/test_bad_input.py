@@ -15,7 +15,7 @@ columns byte-identical:
   invalid UTF-8 in any other column                        → passed through byte for byte, row scored
   zero-row Parquet file                                    → contributes no rows
   empty (0-byte) *.parquet file                            → no rows: skipped, listed in report["inputs"]
-  file not named *.parquet (_SUCCESS, notes.txt)           → not input: ignored, counted in report["inputs"]
+  file neither *.parquet nor JSONL (_SUCCESS, notes.txt)   → not input: ignored, counted in report["inputs"]
   two files with different schemas                         → each file's parts keep their own schema
   nested folders                                           → row ids and output names keep the sub-path
   a *.parquet file that is not Parquet, or a missing

@@ -146,4 +146,4 @@ def test_empty_dataset_and_missing_input(tmp_path, tiny_model_dir, capsys):
     (tmp_path / "nofiles").mkdir()
     assert run("filter", "--input", str(tmp_path / "nofiles"), "--output", str(tmp_path / "o"),
                "--model", tiny_model_dir) == 2
-    assert "contains no *.parquet files" in capsys.readouterr().err
+    assert "contains no *.parquet or JSON Lines" in capsys.readouterr().err
