@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--model", help="local model directory (config: model.path)")
         s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override any config key, e.g. --set score.scope=mlp (repeatable)")
-        s.add_argument("-q", "--quiet", action="store_true")
+        s.add_argument("-q", "--quiet", action="store_true", help="print only the final JSON (no logs, no progress)")
     return p
 
 
@@ -39,10 +39,27 @@ def load_config(args: argparse.Namespace) -> GradShieldConfig:
     return GradShieldConfig.from_yaml(args.config, overrides)
 
 
+def quiet() -> None:
+    """--quiet: only the final JSON reaches the terminal (errors still go to stderr): no progress bars
+    (ours, transformers', Ray Data's), no info or warning logs, no worker logs forwarded by Ray."""
+    logging.getLogger().setLevel(logging.ERROR)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        from ray.data import DataContext
+    except ImportError:  # the local runner needs no Ray
+        return
+    DataContext.get_current().enable_progress_bars = False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger().setLevel(logging.INFO)
+    if args.quiet:
+        quiet()
     try:
         if args.command == "demo":
             from gradshield_ray.miniature.demo import run_demo

@@ -23,7 +23,12 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """The aligned model θ₀ that is scored against (never updated)."""
 
+    # a local checkpoint directory, an s3:// prefix (downloaded once per node, see model_source), or a Hub
+    # model id; a PEFT adapter directory is merged into its base (θ₀ = base + adapter)
     path: str = ""
+    base_path: str | None = None  # an adapter's base model (default: the adapter's base_model_name_or_path)
+    revision: str | None = None  # a Hub model id's revision
+    cache_dir: str | None = None  # where s3:// checkpoints are cached (default $GRADSHIELD_RAY_MODEL_CACHE)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # eager is exact everywhere (the JVP method needs it); sdpa is faster for the hooks/brute methods.
     attn_implementation: Literal["eager", "sdpa"] = "eager"

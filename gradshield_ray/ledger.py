@@ -33,7 +33,7 @@ def run_identity(cfg: GradShieldConfig) -> dict[str, Any]:
     scores (see run_pipeline)."""
     c = cfg.to_public_dict()
     relevant = {k: c[k] for k in ("input", "model", "data", "proxy", "score")}
-    return {"config": relevant, "model_fingerprint": report.model_fingerprint(cfg.model.path)}
+    return {"config": relevant, "model_fingerprint": report.model_fingerprint(cfg)}
 
 
 def differences(prev: Any, cur: Any, path: str = "") -> list[str]:
@@ -251,8 +251,8 @@ class SplitLedger:
         done: dict[int, dict] = {}
         if prev.get("digest") == digest:
             for b in read_batches(self.fs, self.commits):
-                for gid, files, counts in b["items"]:
-                    done[gid] = {"files": files, "counts": counts}
+                for gid, files, counts, *top in b["items"]:  # top: report.html's samples of the group
+                    done[gid] = {"files": files, "counts": counts, "top": top[0] if top else {}}
             keep = {f["path"] for g in done.values() for f in g["files"]}
             stale = [i.path for s in SPLITS for i in storage.list_infos(self.fs, storage.join(self.out_root, s))
                      if i.path not in keep]
@@ -270,8 +270,8 @@ class SplitLedger:
         self.writer = BatchCommits(self.fs, self.commits, every=max(1, len(groups) // 50), max_age_s=1.0)
         return done
 
-    def commit(self, gid: int, files: list[dict], counts: dict[str, int]) -> None:
-        self.writer.add([gid, files, counts])
+    def commit(self, gid: int, files: list[dict], counts: dict[str, int], top: dict | None = None) -> None:
+        self.writer.add([gid, files, counts, top or {}])
 
     def close(self) -> None:
         self.writer.close()

@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gradshield_ray import storage
+from gradshield_ray import jsonl, storage
 from gradshield_ray.config import GradShieldConfig
 from gradshield_ray.errors import RunError
 from gradshield_ray.tables import InputSchemaError, check_input_schema
@@ -22,15 +22,21 @@ PREFLIGHT_ATTEMPTS = 3  # S3 attempts for the driver's checks: a wrong endpoint 
 IO_THREADS = 32  # driver threads for small object-store reads (footers, markers): latency-bound, not CPU
 
 
+def is_input(path: str) -> bool:
+    """Input files: Parquet, and JSON Lines (plain or gzip)."""
+    return path.endswith(".parquet") or jsonl.is_jsonl(path)
+
+
 def row_id(rel: str, index: int) -> str:
-    """A row's id: its file (relative to the input root) and its index within the file."""
+    """A Parquet row's id: its file (relative to the input root) and its index within the file (a JSONL
+    row's id is its file and line number: see jsonl)."""
     return f"{rel}:{index}"
 
 
 @dataclass(frozen=True)
 class Unit:
-    """One row group of one input file, or a range of at most ray.unit_rows rows of it: the unit of
-    scheduling, commit and resume."""
+    """One row group of one input file, a range of at most ray.unit_rows rows of it, or a whole JSONL file:
+    the unit of scheduling, commit and resume."""
 
     path: str  # filesystem path of the input file
     rel: str  # path relative to the input root (names the outputs)
@@ -60,10 +66,10 @@ def split_rows(n: int, unit_rows: int) -> list[tuple[int, int]]:
 class InputListing:
     """The files a run reads, and the files it leaves out (reported in report.json, never silently)."""
 
-    files: list[str]  # non-empty *.parquet files (filesystem paths)
+    files: list[str]  # non-empty *.parquet and JSONL files (filesystem paths)
     base: str  # what row ids and output names are relative to
     empty: list[str] = field(default_factory=list)  # 0-byte *.parquet files: no rows, skipped
-    ignored: list[str] = field(default_factory=list)  # files not named *.parquet (_SUCCESS, README, ...)
+    ignored: list[str] = field(default_factory=list)  # neither Parquet nor JSONL (_SUCCESS, README, ...)
 
     def report(self) -> dict[str, Any]:
         rel = lambda ps: [os.path.relpath(p, self.base) for p in ps]  # noqa: E731
@@ -94,17 +100,17 @@ def list_input(cfg: GradShieldConfig) -> InputListing:
     except OSError as e:
         raise storage.describe_error(e, cfg.input, "list input", scfg) from None
     infos = sorted((i for i in infos if i.type == File), key=lambda i: i.path)
-    parquet = [i for i in infos if i.path.endswith(".parquet")]
+    parquet = [i for i in infos if is_input(i.path)]
     listing = InputListing(files=[i.path for i in parquet if i.size], base=root if info.type != File else
                            os.path.dirname(root), empty=[i.path for i in parquet if not i.size],
-                           ignored=[i.path for i in infos if not i.path.endswith(".parquet")])
+                           ignored=[i.path for i in infos if not is_input(i.path)])
     if not parquet:
-        raise RunError(f"input {cfg.input!r} contains no *.parquet files"
+        raise RunError(f"input {cfg.input!r} contains no *.parquet or JSON Lines (*.jsonl, *.json, *.gz) files"
                        + (f" ({len(listing.ignored)} other files)" if listing.ignored else ""))
     if listing.empty:
         log.warning("skipping %d empty (0-byte) input file(s), e.g. %s", len(listing.empty), listing.empty[0])
     if listing.ignored:
-        log.warning("ignoring %d input file(s) not named *.parquet, e.g. %s", len(listing.ignored),
+        log.warning("ignoring %d input file(s) neither *.parquet nor JSON Lines, e.g. %s", len(listing.ignored),
                     listing.ignored[0])
     if not listing.files:
         raise RunError(f"input {cfg.input!r} has no rows (only empty files)")
@@ -131,6 +137,11 @@ def list_units(cfg: GradShieldConfig, listing: InputListing | None = None) -> li
     def footer(path: str) -> list[dict] | str:
         """The file's units, or the reason it cannot be read (a string; I/O errors raise)."""
         rel = os.path.relpath(path, listing.base)
+        if jsonl.is_jsonl(path):  # one unit per file; its rows counted (lines are only known by reading)
+            try:
+                return [dict(path=path, rel=rel, row_group=0, offset=0, n_rows=jsonl.count_rows(fs, path, rel))]
+            except jsonl.JsonlFileError as e:
+                return str(e)
         with fs.open_input_file(path) as f:
             try:
                 pf = pq.ParquetFile(f)

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
+from gradshield_ray import model_source
 from gradshield_ray.config import ModelConfig
+from gradshield_ray.storage import StorageConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -23,16 +24,28 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_tokenizer(cfg: ModelConfig):
-    """The model's fast tokenizer with a chat template; fails with the cause named."""
+def _dirs(cfg: ModelConfig, storage: StorageConfig | None, weights: bool) -> tuple[Path, Path | None]:
+    """(checkpoint directory, adapter directory or None), both local: model.path resolved from wherever it
+    is kept; when it is a PEFT adapter, the checkpoint is its base."""
+    try:
+        path = model_source.resolve(cfg.path, storage, cfg.cache_dir, cfg.revision, weights)
+        if not model_source.is_adapter(path):
+            return path, None
+        base = model_source.adapter_base(path, cfg.base_path)
+        return model_source.resolve(base, storage, cfg.cache_dir, None, weights), path
+    except model_source.ModelSourceError as e:
+        raise ModelLoadError(str(e)) from None
+
+
+def load_tokenizer(cfg: ModelConfig, storage: StorageConfig | None = None):
+    """The model's fast tokenizer with a chat template (an adapter's own tokenizer when it ships one, else
+    its base's); fails with the cause named."""
     from transformers import AutoTokenizer
 
-    if not cfg.path:
-        raise ModelLoadError("model.path is not set")
-    if not os.path.isdir(cfg.path):
-        raise ModelLoadError(f"model.path {cfg.path!r} does not exist or is not a directory")
+    base, adapter = _dirs(cfg, storage, weights=False)
+    src = adapter if adapter is not None and (adapter / "tokenizer_config.json").is_file() else base
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(str(src), trust_remote_code=cfg.trust_remote_code)
     except Exception as e:
         raise ModelLoadError(f"cannot load tokenizer from {cfg.path!r}: {type(e).__name__}: {e}") from e
     if cfg.chat_template:
@@ -44,30 +57,42 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
-def check_model_config(cfg: ModelConfig) -> None:
-    """Cheap driver-side check that the checkpoint's config loads (weights load in the workers)."""
+def check_model_config(cfg: ModelConfig, storage: StorageConfig | None = None) -> None:
+    """Cheap driver-side check that the checkpoint's config loads (weights load in the workers; an s3://
+    checkpoint's small files only are fetched here)."""
     from transformers import AutoConfig
 
+    base, _ = _dirs(cfg, storage, weights=False)
     try:
-        AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+        AutoConfig.from_pretrained(str(base), trust_remote_code=cfg.trust_remote_code)
     except Exception as e:
         raise ModelLoadError(f"cannot load model config from {cfg.path!r}: {type(e).__name__}: {e}") from e
 
 
-def load_model(cfg: ModelConfig):
-    """(model, tokenizer, device) for a local model directory; weights frozen, eval mode."""
+def load_model(cfg: ModelConfig, storage: StorageConfig | None = None):
+    """(model, tokenizer, device); weights frozen, eval mode. A PEFT adapter is merged into its base here,
+    once per process (θ₀ = base + adapter), so scoring sees one plain model."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = load_tokenizer(cfg, storage)
+    base, adapter = _dirs(cfg, storage, weights=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.path,
+            str(base),
             dtype=DTYPES[cfg.dtype],
             attn_implementation=cfg.attn_implementation,
             trust_remote_code=cfg.trust_remote_code,
         )
     except Exception as e:
         raise ModelLoadError(f"cannot load model from {cfg.path!r}: {type(e).__name__}: {e}") from e
+    if adapter is not None:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        except Exception as e:
+            raise ModelLoadError(f"cannot apply the PEFT adapter {cfg.path!r} to {str(base)!r}: "
+                                 f"{type(e).__name__}: {e}") from e
     device = pick_device(cfg.device)
     model.to(device)
     model.eval()

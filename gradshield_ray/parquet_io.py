@@ -12,16 +12,21 @@ class InputError(ValueError):
     """The input path holds nothing readable."""
 
 
-def list_parquet(path: str | Path) -> tuple[Path, list[Path]]:
-    """(root, files): one Parquet file, or every *.parquet under a directory (recursive, sorted)."""
+def list_parquet(path: str | Path, with_jsonl: bool = False) -> tuple[Path, list[Path]]:
+    """(root, files): one file, or every *.parquet (and with_jsonl, every JSON Lines file) under a directory
+    (recursive, sorted)."""
+    from gradshield_ray.jsonl import is_jsonl
+
     p = Path(path)
     if p.is_file():
         return p.parent, [p]
     if not p.is_dir():
         raise InputError(f"input {str(p)!r} does not exist")
-    files = sorted(f for f in p.rglob("*.parquet") if f.is_file())
+    files = sorted(f for f in p.rglob("*") if f.is_file() and (
+        f.suffix == ".parquet" or (with_jsonl and is_jsonl(f.name))))
     if not files:
-        raise InputError(f"input {str(p)!r} contains no *.parquet files")
+        raise InputError(f"input {str(p)!r} contains no *.parquet" + (
+            " or JSON Lines (*.jsonl, *.json, *.gz) files" if with_jsonl else " files"))
     return p, files
 
 

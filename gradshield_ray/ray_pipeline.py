@@ -9,7 +9,7 @@ Output layout under `output` (local path or s3://):
   scored/_commits/<attempt>-<n>.json        batches of unit commits with their merged score summary
   _pass2/plan.json, _pass2/commits/         pass 2's plan (τ, groups by digest) and its committed groups
   kept/ removed/ errors/          part-<group>.parquet: files of ~output_files.target_file_bytes, none empty
-  threshold.json, report.json, histogram.png, manifest.json (the commit marker of the whole run)
+  threshold.json, report.json, report.html, histogram.png, manifest.json (the commit marker of the whole run)
 
 Resume: state lives in object storage. A rerun skips committed units, deletes the scored files of the
 others and rescores them; pass 2 splits only the groups not committed under the same τ. Units committed
@@ -31,7 +31,7 @@ from dataclasses import asdict
 from typing import Any
 
 from gradshield_ray import faults as fault
-from gradshield_ray import report, storage
+from gradshield_ray import report, report_html, storage
 from gradshield_ray.config import GradShieldConfig
 from gradshield_ray.errors import DatasetFailed, RunError  # noqa: F401  (re-exported for callers)
 from gradshield_ray.lease import Lease
@@ -56,9 +56,10 @@ def preflight(cfg: GradShieldConfig) -> None:
     from gradshield_ray.model import check_model_config, load_tokenizer
     from gradshield_ray.proxy import load_probes, resolve_pair
 
-    tok = load_tokenizer(cfg.model)
-    check_model_config(cfg.model)
-    check_weights(cfg.model.path)
+    tok = load_tokenizer(cfg.model, cfg.storage)
+    check_model_config(cfg.model, cfg.storage)
+    if os.path.isdir(cfg.model.path):  # a remote checkpoint's weights are verified where they are downloaded
+        check_weights(cfg.model.path)
     resolve_pair(tok, load_probes(cfg.proxy), cfg.proxy)
 
 
@@ -68,8 +69,8 @@ def _ray_init() -> None:
     if not ray.is_initialized():
         # "local" starts a fresh local Ray even if another one is running on this machine; a cluster is
         # joined only when RAY_ADDRESS says so (a KubeRay RayJob sets it)
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True,
-                 configure_logging=False)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", configure_logging=False,
+                 log_to_driver=log.isEnabledFor(logging.INFO))  # --quiet: no worker logs
 
 
 def _committed(fs, manifest_path: str, cfg: GradShieldConfig) -> dict[str, Any] | None:
@@ -121,7 +122,7 @@ def pass1(cfg: GradShieldConfig, units: list[Unit], ledger: Ledger, faults: faul
                         fn_kwargs=dict(input_uri=cfg.input, storage_json=sj, cfg_json=cj),
                         num_cpus=cfg.ray.render_num_cpus)
     ds = ds.map_batches(UnitScoreActor, batch_size=1, batch_format="pyarrow",
-                        fn_constructor_kwargs=dict(cfg=cj, faults=faults),
+                        fn_constructor_kwargs=dict(cfg=cj, faults=faults, storage_json=sj),
                         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
                         num_gpus=cfg.ray.num_gpus_per_actor, num_cpus=cfg.ray.num_cpus_per_actor)
     ds = ds.map_batches(write_parts, batch_size=None, batch_format="pyarrow",
@@ -165,17 +166,18 @@ def reduce(cfg: GradShieldConfig, ledger: Ledger) -> tuple[ThresholdDecision, Sc
 
 
 def pass2(cfg: GradShieldConfig, units: list[Unit], ledger: Ledger, sizes: dict[str, int], tau: float,
-          faults: fault.Faults) -> tuple[dict[str, int], list[dict], dict[str, int]]:
+          faults: fault.Faults) -> tuple[dict[str, int], list[dict], dict[str, int], dict[str, list]]:
     """Split the committed scored files by τ, in groups of about output_files.target_file_bytes, one
     output file per split and group. Resumable: groups are committed in batches, and a rerun under the
     same τ splits only the others. A report left by an attempt that died before its manifest is removed
-    first, so no report outlives its attempt. Returns counts, the output files, and what was redone."""
+    first, so no report outlives its attempt. Returns counts, the output files, what was redone, and
+    report.html's row samples (each group's top rows, merged)."""
     import ray
 
     fs, out_root = ledger.fs, ledger.out_root
-    report_path = storage.join(out_root, "report.json")
-    if storage.exists(fs, report_path):
-        fs.delete_file(report_path)
+    for name in ("report.json", "report.html"):
+        if storage.exists(fs, storage.join(out_root, name)):
+            fs.delete_file(storage.join(out_root, name))
     target = cfg.output_files.target_file_bytes
     groups = unit_groups([u.key for u in units], {u.key: ledger.files(u.key) for u in units}, sizes, target)
     split_ledger = SplitLedger(fs, out_root, storage_json(cfg))
@@ -186,13 +188,14 @@ def pass2(cfg: GradShieldConfig, units: list[Unit], ledger: Ledger, sizes: dict[
             ds = ray.data.from_items(todo, override_num_blocks=min(len(todo), 10_000))
             ds = ds.map_batches(split_group, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
                                 fn_kwargs=dict(output_uri=cfg.output, storage_json=storage_json(cfg), tau=tau,
-                                               faults=faults))
+                                               faults=faults, data_json=cfg.data.model_dump_json()))
             rows, ds = iter_rows(ds), None
             for row in rows:
-                got = {"files": json.loads(row["files"]), "counts": {k: row[k] for k in SPLITS}}
+                got = {"files": json.loads(row["files"]), "counts": {k: row[k] for k in SPLITS},
+                       "top": {k: json.loads(row[f"top_{k}"]) for k in ("kept", "removed")}}
                 prev = done.setdefault(row["gid"], got)  # a retried split task reports its group again
                 if prev is got:
-                    split_ledger.commit(row["gid"], got["files"], got["counts"])
+                    split_ledger.commit(row["gid"], got["files"], got["counts"], got["top"])
                 elif prev["counts"] != got["counts"]:
                     raise RunError(f"group {row['gid']} was split twice with different counts")
     finally:
@@ -201,7 +204,11 @@ def pass2(cfg: GradShieldConfig, units: list[Unit], ledger: Ledger, sizes: dict[
         raise RunError(f"pass 2 split {len(done)} of {len(groups)} groups")
     counts = {k: sum(g["counts"][k] for g in done.values()) for k in SPLITS}
     files = [f for gid in sorted(done) for f in done[gid]["files"]]
-    return counts, files, {"groups": len(groups), "groups_split_this_attempt": len(todo)}
+    samples: dict[str, list] = {"kept": [], "removed": []}
+    for g in done.values():
+        for name in samples:
+            samples[name] = report_html.merge_top(samples[name], (g.get("top") or {}).get(name, []))
+    return counts, files, {"groups": len(groups), "groups_split_this_attempt": len(todo)}, samples
 
 
 def run_pipeline(cfg: GradShieldConfig) -> dict[str, Any]:
@@ -237,7 +244,7 @@ def _run(cfg: GradShieldConfig, has_identity: bool, cpu0: float, t0: float) -> d
     phases["pass1"], t = time.perf_counter() - t, time.perf_counter()
     decision, summary = reduce(cfg, ledger)
     phases["reduce"], t = time.perf_counter() - t, time.perf_counter()
-    counts, files, split_info = pass2(cfg, units, ledger, sizes, decision.tau, faults)
+    counts, files, split_info, samples = pass2(cfg, units, ledger, sizes, decision.tau, faults)
     counts["input"] = sum(u.n_rows for u in units)
     verify_splits(fs, out_root, files)
     phases["pass2"] = time.perf_counter() - t
@@ -250,4 +257,5 @@ def _run(cfg: GradShieldConfig, has_identity: bool, cpu0: float, t0: float) -> d
     out_files = {s: [{**{k: f[k] for k in ("rows", "bytes", "sha256")}, "path": uri(f["path"])}
                      for f in files if f["split"] == s] for s in SPLITS}
     return report.finalize(cfg, fs, out_root, counts, decision, summary, scoring, listing.report(),
-                    {"nodes": dict(nodes), "files": out_files, "kept_parts": [f["path"] for f in out_files["kept"]]})
+                    {"nodes": dict(nodes), "files": out_files, "kept_parts": [f["path"] for f in out_files["kept"]]},
+                    samples=samples)

@@ -1,18 +1,21 @@
 """What a run writes about itself: report.json, a histogram picture, and the model's identity."""
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
 import subprocess
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
 from gradshield_ray.threshold import separation_verdict
 from gradshield_ray.summary import ScoreSummary
+
+if TYPE_CHECKING:
+    from gradshield_ray.config import GradShieldConfig
+    from gradshield_ray.threshold import ThresholdDecision
 
 
 def code_version() -> str:
@@ -26,18 +29,12 @@ def code_version() -> str:
     return f"{__version__}+{sha}" if sha else __version__
 
 
-def model_fingerprint(path: str) -> str:
-    """sha256 over config.json and each weight file's name, size and first MiB: cheap on 16 GB
-    checkpoints, and it changes whenever the checkpoint does in practice."""
-    h = hashlib.sha256()
-    root = Path(path)
-    for f in sorted(root.iterdir()):
-        if f.name == "config.json" or f.suffix in (".safetensors", ".bin"):
-            h.update(f.name.encode())
-            h.update(str(f.stat().st_size).encode())
-            with f.open("rb") as fh:
-                h.update(fh.read(1 << 20))
-    return h.hexdigest()[:16]
+def model_fingerprint(cfg) -> str:
+    """The identity of the configured θ₀ (see model_source.fingerprint): wherever it is kept, and an
+    adapter together with its base."""
+    from gradshield_ray.model_source import fingerprint
+
+    return fingerprint(cfg.model.path, cfg.storage, cfg.model.revision, cfg.model.base_path)
 
 
 def run_report(cfg, counts: dict[str, int], decision, summary: ScoreSummary, scoring: dict[str, Any],
@@ -54,7 +51,7 @@ def run_report(cfg, counts: dict[str, int], decision, summary: ScoreSummary, sco
                    "min": summary.min, "max": summary.max,
                    "quantiles": {str(q): summary.quantile(q) for q in (0.01, 0.5, 0.9, 0.99)}},
         "scoring": scoring,
-        "model": {"path": cfg.model.path, "fingerprint": model_fingerprint(cfg.model.path)},
+        "model": {"path": cfg.model.path, "fingerprint": model_fingerprint(cfg)},
         "code_version": code_version(),
         "config": cfg.to_public_dict(),
         "outputs": outputs,
@@ -114,10 +111,11 @@ def histogram_png(summary: ScoreSummary, tau: float, path: Path | BinaryIO, titl
 
 def finalize(cfg: GradShieldConfig, fs, out_root: str, counts: dict[str, int], decision: ThresholdDecision,
              summary: ScoreSummary, scoring: dict[str, Any], inputs: dict[str, Any],
-             extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The last step of both runners: conservation checks, then histogram.png, report.json and (with
-    `extra`, the Ray runner) manifest.json, last: the commit marker of the run."""
-    from gradshield_ray import storage
+             extra: dict[str, Any] | None = None, samples: dict[str, list] | None = None) -> dict[str, Any]:
+    """The last step of both runners: conservation checks, then histogram.png, report.html (the review page,
+    with `samples`: the top removed and kept rows), report.json and (with `extra`, the Ray runner)
+    manifest.json, last: the commit marker of the run."""
+    from gradshield_ray import report_html, storage
     from gradshield_ray.errors import RunError
 
     if counts["kept"] + counts["removed"] + counts["errors"] != counts["input"]:
@@ -127,12 +125,16 @@ def finalize(cfg: GradShieldConfig, fs, out_root: str, counts: dict[str, int], d
                        "rows have one")
     outputs = {k: storage.join(cfg.output, k) for k in ("scored", "kept", "removed", "errors")}
     outputs["histogram"] = storage.join(cfg.output, "histogram.png")
+    outputs["report_html"] = storage.join(cfg.output, "report.html")
     rep = run_report(cfg, counts, decision, summary, scoring, outputs)
     rep["inputs"] = inputs
     rep.update({k: v for k, v in (extra or {}).items() if k != "files"})
     png = io.BytesIO()
     histogram_png(summary, decision.tau, png)
     storage.write_bytes(fs, storage.join(out_root, "histogram.png"), png.getvalue())
+    samples = samples or {"kept": [], "removed": []}
+    storage.write_bytes(fs, storage.join(out_root, "report.html"), report_html.render(
+        _jsonable(rep), decision, png.getvalue(), samples["removed"], samples["kept"]).encode())
     storage.write_json(fs, storage.join(out_root, "report.json"), _jsonable(rep))
     if extra is None:
         return rep

@@ -39,7 +39,7 @@ class FIHSScorer:
     def __init__(self, cfg: GradShieldConfig):
         self.cfg = cfg
         sc = cfg.score
-        model, self.tokenizer, self.device = load_model(cfg.model)
+        model, self.tokenizer, self.device = load_model(cfg.model, cfg.storage)
         self.model = wrap_lora(model, sc) if sc.scope == "lora" else model
         self.params = select_parameters(self.model, sc.scope)
         self.pad = pad_id(self.tokenizer, self.model)

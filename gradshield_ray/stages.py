@@ -29,9 +29,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gradshield_ray import faults as fault
-from gradshield_ray import storage
-from gradshield_ray.config import GradShieldConfig
-from gradshield_ray.errors import DatasetFailed
+from gradshield_ray import jsonl, report_html, storage
+from gradshield_ray.config import DataConfig, GradShieldConfig
+from gradshield_ray.errors import DatasetFailed, RunError
+from gradshield_ray.render import required_columns
 from gradshield_ray.listing import row_id
 from gradshield_ray.summary import ScoreSummary
 from gradshield_ray.tables import ROW_ID, finite_scores, render_table, score_rendered, split_table
@@ -43,8 +44,13 @@ OFFSET = "gs_offset"
 BLOB = "gs_rendered"  # one unit's rendered rows as an Arrow IPC stream (see read_render)
 
 
-def _config(cfg: GradShieldConfig | str) -> GradShieldConfig:
-    return cfg if isinstance(cfg, GradShieldConfig) else GradShieldConfig.model_validate_json(cfg)
+def _config(cfg: GradShieldConfig | str, storage_json: str | None = None) -> GradShieldConfig:
+    """The config a worker uses. A config travels as JSON without its secrets (SecretStr dumps masked), so
+    storage settings resolved on the driver (storage_json) are put back here: an s3:// model needs them."""
+    cfg = cfg if isinstance(cfg, GradShieldConfig) else GradShieldConfig.model_validate_json(cfg)
+    if storage_json:
+        cfg = cfg.model_copy(update={"storage": storage.StorageConfig.model_validate_json(storage_json)})
+    return cfg
 
 
 # ---------------------------------------------------------------- small I/O helpers (run in workers)
@@ -71,11 +77,12 @@ def _write_parquet(fs, path: str, table: pa.Table) -> bytes:
 
 
 @functools.lru_cache(maxsize=2)
-def _tokenizer(model_json: str):
+def _tokenizer(model_json: str, storage_json: str):
     from gradshield_ray.config import ModelConfig
     from gradshield_ray.model import load_tokenizer
 
-    return load_tokenizer(ModelConfig.model_validate_json(model_json))
+    return load_tokenizer(ModelConfig.model_validate_json(model_json),
+                          storage.StorageConfig.model_validate_json(storage_json))
 
 
 # ---------------------------------------------------------------- row-level transforms (any dataset)
@@ -85,7 +92,7 @@ def render_batch(batch: pa.Table, cfg: GradShieldConfig | str) -> pa.Table:
     """CPU stage on any batch of rows: render + tokenize with the model's chat template (the tokenizer is
     loaded once per worker process). Pure: the same rows give the same tokens."""
     cfg = _config(cfg)
-    return render_table(_tokenizer(cfg.model.model_dump_json()), batch, cfg.data)
+    return render_table(_tokenizer(cfg.model.model_dump_json(), storage_json(cfg)), batch, cfg.data)
 
 
 class ScoreActor:
@@ -94,10 +101,11 @@ class ScoreActor:
     Which rows share a scorer call can change a score in its last bits: for bit-identical reruns, feed
     batches of a fixed composition (the unit runner does: see UnitScoreActor)."""
 
-    def __init__(self, cfg: GradShieldConfig | str, faults: fault.Faults | None = None):
+    def __init__(self, cfg: GradShieldConfig | str, faults: fault.Faults | None = None,
+                 storage_json: str | None = None):
         from gradshield_ray.scorer import FIHSScorer
 
-        cfg = _config(cfg)
+        cfg = _config(cfg, storage_json)
         self.batch_rows = cfg.ray.batch_rows
         self.scorer = FIHSScorer(cfg)
         self.faults = faults or {}
@@ -173,13 +181,20 @@ def read_render(batch: pa.Table, input_uri: str, storage_json: str, cfg_json: st
     unified, and every output file keeps exactly its own input file's columns."""
     from gradshield_ray.listing import Unit
 
-    cfg = GradShieldConfig.model_validate_json(cfg_json)
+    cfg = _config(cfg_json, storage_json)
     fs, _ = _fs(input_uri, storage_json)
     outs = []
     for u in batch.to_pylist():
-        t = read_unit(fs, u)
+        if jsonl.is_jsonl(u["path"]):  # a whole file; row ids file:line come from the reader
+            t = jsonl.read_file(fs, u["path"], u["rel"], required_columns(cfg.data))
+            if t.num_rows != u["n_rows"]:
+                raise RunError(f"{u['rel']} has {t.num_rows} rows now, {u['n_rows']} when listed: it changed "
+                               "during the run; rerun with a new output prefix")
+        else:
+            t = read_unit(fs, u)
+            t = t.append_column(ROW_ID, pa.array([row_id(u["rel"], u["offset"] + i) for i in range(t.num_rows)],
+                                                 pa.string()))
         n = t.num_rows
-        t = t.append_column(ROW_ID, pa.array([row_id(u["rel"], u["offset"] + i) for i in range(n)], pa.string()))
         t = t.append_column(OFFSET, pa.array(np.arange(n, dtype=np.int64) + u["offset"]))
         outs.append(_one_row(render_batch(t, cfg), Unit(**u).key, render_node=_node_id()))
     return pa.concat_tables(outs)
@@ -236,10 +251,11 @@ def write_parts(batch: pa.Table, output_uri: str, storage_json: str, faults: fau
 
 
 def split_group(batch: pa.Table, output_uri: str, storage_json: str, tau: float,
-                faults: fault.Faults | None = None) -> pa.Table:
+                faults: fault.Faults | None = None, data_json: str | None = None) -> pa.Table:
     """Pass 2: one group of committed scored files (about output_files.target_file_bytes) → one kept, one
-    removed and one errors file (named by the group; none written empty). Scored files of input files with
-    different schemas are never unified: each schema in a group gets its own file."""
+    removed and one errors file (named by the group; none written empty), with the group's report.html samples
+    (its top kept and removed rows, JSON) when data_json is given. Scored files of input files with different
+    schemas are never unified: each schema in a group gets its own file."""
     fs, out_root = _fs(output_uri, storage_json)
     rows = []
     for gid, parts in zip(batch["gid"].to_pylist(), batch["parts"].to_pylist()):
@@ -249,16 +265,21 @@ def split_group(batch: pa.Table, output_uri: str, storage_json: str, tau: float,
                 t = pq.read_table(f)
             by_schema.setdefault(t.schema, []).append(t)
         files, counts = [], dict.fromkeys(SPLITS, 0)
+        top: dict[str, list] = {"kept": [], "removed": []}
         for j, tables in enumerate(by_schema.values()):
             for name, part in split_table(pa.concat_tables(tables), tau).items():
                 counts[name] += part.num_rows
                 if not part.num_rows:
                     continue
+                if data_json and name in top:
+                    top[name] = report_html.merge_top(
+                        top[name], report_html.top_rows(part, DataConfig.model_validate_json(data_json)))
                 path = storage.join(out_root, name, f"part-{gid:06d}" + (f"-{j}" if j else "") + ".parquet")
                 data = _write_parquet(fs, path, part)
                 files.append({"split": name, "path": path, "rows": part.num_rows, "bytes": len(data),
                               "sha256": hashlib.sha256(data).hexdigest()})
-        rows.append({"gid": gid, "files": json.dumps(files), **counts})
+        rows.append({"gid": gid, "files": json.dumps(files), **counts,
+                     **{f"top_{k}": json.dumps(v) for k, v in top.items()}})
         fault.slow(faults)
         fault.slow(faults, fault.SLOW_SPLIT_ENV)
     return pa.Table.from_pylist(rows)

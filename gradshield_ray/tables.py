@@ -17,6 +17,8 @@ if TYPE_CHECKING:  # annotations only: the Arrow steps themselves need no torch
     from gradshield_ray.scorer import FIHSScorer
 
 ROW_ID = "gs_row_id"
+JSON_ERROR = "gs_json_error"  # JSONL input: why a line is not a row (null on good lines); becomes gs_error
+RAW_LINE = "gs_raw_line"  # JSONL input: the exact bytes of such a line (null on good lines)
 SCORE_COLUMNS = ("fihs", "gs_n_tokens", "gs_n_loss_tokens", "gs_truncated", "gs_error")
 OUR_COLUMNS = (ROW_ID, *SCORE_COLUMNS)
 SCORE_SCHEMA = pa.schema([
@@ -71,6 +73,9 @@ def _decode_rows(table: pa.Table) -> tuple[list[dict | None], list[str | None]]:
 def render_table(tokenizer, table: pa.Table, cfg: DataConfig) -> pa.Table:
     """CPU stage: append token ids, loss masks and counts; rows that cannot render get gs_error."""
     rows, decode_errors = _decode_rows(table.select(required_columns(cfg)))
+    if JSON_ERROR in table.column_names:  # JSONL lines that are not objects: their reason, their row kept
+        decode_errors = [j or d for j, d in zip(table[JSON_ERROR].to_pylist(), decode_errors)]
+        rows = [None if j else r for j, r in zip(table[JSON_ERROR].to_pylist(), rows)]
     cols: dict[str, list] = {c: [None] * len(rows) for c in (*TOKEN_SCHEMA.names, *SCORE_SCHEMA.names)}
     for i, row in enumerate(rows):
         if row is None:

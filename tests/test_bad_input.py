@@ -4,7 +4,7 @@ Every case has one documented behaviour (README "Guarantees"), and for every cor
 invariant kept + removed + errors = input holds, with each input row id exactly once and its input
 columns byte-identical:
 
-  null / empty messages, unknown role, no assistant turn,
+  null / empty messages, unknown role, a conversation opening with a tool turn, no assistant turn,
   non-string content, bad JSON string                      → error row, gs_error names the reason
   messages stored as a JSON string                         → parsed and scored
   far over data.max_tokens                                 → cut on the right, gs_truncated = true
@@ -15,7 +15,7 @@ columns byte-identical:
   invalid UTF-8 in any other column                        → passed through byte for byte, row scored
   zero-row Parquet file                                    → contributes no rows
   empty (0-byte) *.parquet file                            → no rows: skipped, listed in report["inputs"]
-  file not named *.parquet (_SUCCESS, notes.txt)           → not input: ignored, counted in report["inputs"]
+  file neither *.parquet nor JSONL (_SUCCESS, notes.txt)   → not input: ignored, counted in report["inputs"]
   two files with different schemas                         → each file's parts keep their own schema
   nested folders                                           → row ids and output names keep the sub-path
   a *.parquet file that is not Parquet, or a missing
@@ -71,16 +71,17 @@ def write_bad_corpus(root: Path) -> dict[str, tuple]:
     # a.parquet: messages as list<struct>, 3 row groups
     a = [
         (chat("How do I bake bread?", "Sure, mix flour and water."), ("scored", False)),
-        (None, ("error", "messages is null")),
-        ([], ("error", "messages is empty")),
-        ([{"role": "tool", "content": "x"}] + chat("q", "a"), ("error", "unknown role 'tool'")),
-        ([{"role": "user", "content": "hello?"}], ("error", "no assistant turn")),
+        (None, ("error", "column 'messages' is null: the row has no conversation")),
+        ([], ("error", "column 'messages' is empty")),
+        ([{"role": "tool", "content": "x"}] + chat("q", "a"), ("error", "turn 0 is a tool turn but no user turn precedes")),
+        ([{"role": "user", "content": "hello?"}], ("error", "no assistant turn: nothing to score")),
         ([{"role": "user", "content": None}, {"role": "assistant", "content": "a"}],
-         ("error", "content must be a string, got NoneType")),
+         ("error", "turn 0 (user) content is null")),
         (chat("Hi", "Sure, here it is. " * 400), ("scored", True)),  # far over budget: cut, still trains
         (chat("bread " * 600, "ok"), ("error", f"no assistant tokens to train on within the first {MAX_TOKENS}")),
         ([{"role": "system", "content": "Be brief."}] + chat("Name a color.", "Red.") + chat("More?", "Blue."),
          ("scored", False)),
+        ([{"role": "robot", "content": "x"}] + chat("q", "a"), ("error", "turn 0 has unknown role 'robot'")),
     ]
     pq.write_table(pa.table({"messages": pa.array([m for m, _ in a], pa.list_(TURN)),
                              "label": [f"a{i}" for i in range(len(a))]}), d / "a.parquet", row_group_size=3)
@@ -90,9 +91,9 @@ def write_bad_corpus(root: Path) -> dict[str, tuple]:
         (json.dumps(chat("What is 2+2?", "Sure, 4.")), ("scored", False)),
         ('[{"role": "user", "content": "unterminated', ("error", "string is not valid JSON")),
         (json.dumps([{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]),
-         ("error", "content must be a string, got int")),
-        ("null", ("error", "messages is null")),
-        (json.dumps({"role": "user"}), ("error", "messages must be a list of turns, got dict")),
+         ("error", "turn 0 (user) content must be a string or a list of text parts, got int")),
+        ("null", ("error", "column 'messages' is null")),
+        (json.dumps({"role": "user"}), ("error", "column 'messages' must be a list of turns ({role, content}), got dict")),
         (b'[{"role": "user", "content": "caf\xe9"}]', ("error", "invalid UTF-8 in column 'messages'")),
     ]
     msgs = pa.array([m.encode() if isinstance(m, str) else m for m, _ in b], pa.binary()).view(pa.string())

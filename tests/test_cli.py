@@ -9,6 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from test_report_html import Page
+
 from gradshield_ray.cli import main
 from gradshield_ray.miniature.demo import make_corpus
 
@@ -46,7 +48,7 @@ def test_filter_conserves_rows_and_columns(tmp_path, corpus, tiny_model_dir, cap
     n = {k: (0 if t is None else t.num_rows) for k, t in parts.items()}
     assert n["kept"] + n["removed"] + n["errors"] == inp.num_rows == rep["counts"]["input"]
     assert n == {k: rep["counts"][k] for k in n}
-    assert n["errors"] == 1 and parts["errors"]["gs_error"][0].as_py() == "no assistant turn"
+    assert n["errors"] == 1 and parts["errors"]["gs_error"][0].as_py().startswith("no assistant turn: nothing to score")
     # every input row appears exactly once, with its original columns unchanged
     out_all = pa.concat_tables([t for t in parts.values() if t is not None])
     ids = out_all["gs_row_id"].to_pylist()
@@ -69,6 +71,28 @@ def test_filter_conserves_rows_and_columns(tmp_path, corpus, tiny_model_dir, cap
     assert {"Lambda", "branch"} <= set(rep["evidence"]) or rep["policy"] != "adaptive"
     assert (out / "histogram.png").stat().st_size > 1000
     assert json.loads((out / "threshold.json").read_text())["tau"] == tau
+    # report.html beside report.json: the kept rows closest to τ are the kept rows with the highest scores
+    page = Page()
+    page.feed((out / "report.html").read_text())
+    assert page.external == [] and len(page.imgs) == 1
+    kept = sorted(parts["kept"].to_pylist(), key=lambda r: (-r["fihs"], r["gs_row_id"]))[:20]
+    assert [r[0] for r in page.tables["kept-near-tau"]] == [r["gs_row_id"] for r in kept]
+    assert {k: int(v) for k, v in page.tables["counts"]} == rep["counts"]
+
+
+def test_quiet_prints_only_the_final_json(tmp_path, corpus, tiny_model_dir):
+    """`-q`: stdout and stderr together are exactly one JSON document (no logs, no progress bars)."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "gradshield_ray.cli", "filter", "-q", "--input", str(corpus),
+                           "--output", str(tmp_path / "o"), "--model", tiny_model_dir, "--set",
+                           "proxy.max_probes=4"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert set(json.loads(proc.stdout)) == {"counts", "tau", "policy", "outputs"}
 
 
 def test_score_then_threshold_commands(tmp_path, corpus, tiny_model_dir, capsys):
@@ -122,4 +146,4 @@ def test_empty_dataset_and_missing_input(tmp_path, tiny_model_dir, capsys):
     (tmp_path / "nofiles").mkdir()
     assert run("filter", "--input", str(tmp_path / "nofiles"), "--output", str(tmp_path / "o"),
                "--model", tiny_model_dir) == 2
-    assert "contains no *.parquet files" in capsys.readouterr().err
+    assert "contains no *.parquet or JSON Lines" in capsys.readouterr().err

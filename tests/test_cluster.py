@@ -1,6 +1,7 @@
 """A real multi-process Ray cluster (a head and a second node started with `ray start`) running the
 `gradshield-ray run` command as a separate driver with RAY_ADDRESS, against the S3 server: nothing may
-depend on driver-local state (local paths, globals, fixtures captured by closure)."""
+depend on driver-local state (local paths, globals, fixtures captured by closure). The model itself is an
+s3:// prefix: each node (its own model cache, as separate machines would have) downloads it once."""
 from __future__ import annotations
 
 import json
@@ -16,6 +17,7 @@ import pytest
 from s3server import FAKE_KEY, FAKE_SECRET, free_port, moto_server, s3_client, upload_dir
 
 from gradshield_ray.miniature.demo import make_corpus
+from gradshield_ray.model_source import COMPLETE, DOWNLOAD_LOG
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -64,23 +66,25 @@ def test_two_node_cluster_run(tmp_path, tiny_model_dir):
         client.create_bucket(Bucket="corpus")
         src = make_corpus(tmp_path / "in", n_rows=36, n_files=3, seed=5)
         upload_dir(client, src, "corpus", "in")
+        upload_dir(client, Path(tiny_model_dir), "corpus", "models/tiny")
+        caches = {n: tmp_path / f"cache-{n}" for n in ("head", "worker", "driver")}
         head = _start(["--head", f"--port={port}", "--num-cpus=1", "--num-gpus=0", "--include-dashboard=false",
-                       "--node-ip-address=127.0.0.1"], env)
+                       "--node-ip-address=127.0.0.1"], {**env, "GRADSHIELD_RAY_MODEL_CACHE": str(caches["head"])})
         worker = None
         try:
             time.sleep(3)
             worker = _start([f"--address={address}", "--num-cpus=2", "--num-gpus=1", "--node-ip-address=127.0.0.1"],
-                            env)
+                            {**env, "GRADSHIELD_RAY_MODEL_CACHE": str(caches["worker"])})
             _wait_nodes(address, 2, env)
             (worker_id,) = _gpu_nodes(address, env)
             cfg = tmp_path / "c.yaml"
             cfg.write_text(
-                f"input: s3://corpus/in\noutput: s3://corpus/cluster-run\nmodel:\n  path: {tiny_model_dir}\n"
+                "input: s3://corpus/in\noutput: s3://corpus/cluster-run\nmodel:\n  path: s3://corpus/models/tiny\n"
                 f"proxy:\n  max_probes: 4\nstorage:\n  endpoint_url: {url}\n"
                 "ray:\n  num_actors: 1\n  num_cpus_per_actor: 0.5\n  render_num_cpus: 0.5\n")
             # credentials reach the job through the standard AWS environment, as in a RayJob
             job_env = {**env, "RAY_ADDRESS": address, "AWS_ACCESS_KEY_ID": FAKE_KEY,
-                       "AWS_SECRET_ACCESS_KEY": FAKE_SECRET}
+                       "AWS_SECRET_ACCESS_KEY": FAKE_SECRET, "GRADSHIELD_RAY_MODEL_CACHE": str(caches["driver"])}
             out = subprocess.run([sys.executable, "-m", "gradshield_ray.cli", "run", "--config", str(cfg)], env=job_env,
                                  capture_output=True, text=True, timeout=600, cwd=tmp_path)
             assert out.returncode == 0, out.stderr[-4000:]
@@ -93,6 +97,17 @@ def test_two_node_cluster_run(tmp_path, tiny_model_dir):
             assert man["nodes"][worker_id]["rows_scored"] == 36 and man["nodes"][worker_id]["model_loads"] == 1
             assert sum(n["rows_rendered"] for n in man["nodes"].values()) == 36
             assert FAKE_SECRET not in out.stdout + out.stderr
+            # the s3:// model: per node and per copy (full, or tokenizer/config only), every file downloaded
+            # exactly once however many workers and actors there used it; the full copy exists on some node
+            names = sorted(p.name for p in Path(tiny_model_dir).iterdir() if p.is_file())
+            full = 0
+            for node, cache in caches.items():
+                for copy in (d for d in cache.iterdir() if d.is_dir()) if cache.is_dir() else []:
+                    got = [line.split()[1] for line in (copy / DOWNLOAD_LOG).read_text().splitlines()]
+                    assert len(got) == len(set(got)) and (copy / COMPLETE).is_file(), (node, copy.name, got)
+                    full += sorted(got) == names
+                    assert node != "driver" or "model.safetensors" not in got  # the driver fetches no weights
+            assert full >= 1
         finally:
             if worker is not None:
                 _stop(worker)

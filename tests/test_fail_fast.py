@@ -105,7 +105,7 @@ def test_prefix_without_parquet(s3, tiny_model_dir, tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "_SUCCESS").write_text("")
     fails_fast(cfg_for(tiny_model_dir, s3, input=str(tmp_path / "in"), output=str(tmp_path / "o")),
-               r"contains no \*\.parquet files \(1 other files\)")
+               r"contains no \*\.parquet or JSON Lines \(\*\.jsonl, \*\.json, \*\.gz\) files \(1 other files\)")
 
 
 @pytest.mark.parametrize("bad,message", [
