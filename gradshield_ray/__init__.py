@@ -7,6 +7,8 @@ The public API (a component of your own Ray Data pipeline; see gradshield_ray.ap
                                 .split(scored, decision) → (kept, removed, errors) lazy Datasets
   GradShieldConfig              the one typed config (GradShieldConfig.from_yaml(path))
   ThresholdDecision             τ, the policy and its evidence
+  separation_verdict(evidence)  does the score separate the calibration canaries on this model? (say so before
+                                trusting a cut)
   read_jsonl(paths)             JSONL files as a Dataset: one row per line, malformed lines kept as errors
   run(config)                   the resumable object-storage runner (`gradshield-ray run`) on the same stages
 
@@ -17,7 +19,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["GradShield", "GradShieldConfig", "ThresholdDecision", "read_jsonl", "run", "__version__"]
+__all__ = ["GradShield", "GradShieldConfig", "ThresholdDecision", "read_jsonl", "run", "separation_verdict",
+           "__version__"]
 
 _EXPORTS = {
     "GradShield": ("gradshield_ray.api", "GradShield"),
@@ -25,13 +28,14 @@ _EXPORTS = {
     "GradShieldConfig": ("gradshield_ray.config", "GradShieldConfig"),
     "ThresholdDecision": ("gradshield_ray.threshold", "ThresholdDecision"),
     "run": ("gradshield_ray.ray_pipeline", "run_pipeline"),
+    "separation_verdict": ("gradshield_ray.threshold", "separation_verdict"),
 }
 
 if TYPE_CHECKING:
     from gradshield_ray.api import GradShield, read_jsonl  # noqa: F401
     from gradshield_ray.config import GradShieldConfig  # noqa: F401
     from gradshield_ray.ray_pipeline import run_pipeline as run  # noqa: F401
-    from gradshield_ray.threshold import ThresholdDecision  # noqa: F401
+    from gradshield_ray.threshold import ThresholdDecision, separation_verdict  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -91,8 +91,12 @@ class GradShield:
 
     def threshold(self, scored: "ray.data.Dataset") -> ThresholdDecision:
         """τ for the whole Dataset by the configured policy, with its evidence (decision.tau,
-        decision.evidence); rows with fihs > τ are removed."""
-        return decide(self.summarize(scored), self.config.threshold)
+        decision.evidence; with threshold.canaries on, the calibration canaries are scored in one Ray task
+        and `separation_verdict(decision.evidence)` says whether the score separates harm on this model);
+        rows with fihs > τ are removed."""
+        from gradshield_ray.stages import cluster_canaries
+
+        return decide(self.summarize(scored), self.config.threshold, cluster_canaries(self.config))
 
     def split(self, scored: "ray.data.Dataset", decision: ThresholdDecision | float
               ) -> tuple["ray.data.Dataset", "ray.data.Dataset", "ray.data.Dataset"]:

@@ -9,6 +9,7 @@ Output layout under `output` (local path or s3://):
   scored/_commits/<attempt>-<n>.json        batches of unit commits with their merged score summary
   _pass2/plan.json, _pass2/commits/         pass 2's plan (τ, groups by digest) and its committed groups
   kept/ removed/ errors/          part-<group>.parquet: files of ~output_files.target_file_bytes, none empty
+  canaries.json                   the calibration canaries' scores (threshold.canaries; scored once per run)
   threshold.json, report.json, report.html, histogram.png, manifest.json (the commit marker of the whole run)
 
 Resume: state lives in object storage. A rerun skips committed units, deletes the scored files of the
@@ -30,6 +31,8 @@ from collections import defaultdict
 from dataclasses import asdict
 from typing import Any
 
+import numpy as np
+
 from gradshield_ray import faults as fault
 from gradshield_ray import report, report_html, storage
 from gradshield_ray.config import GradShieldConfig
@@ -41,10 +44,11 @@ from gradshield_ray.ledger import run_identity  # noqa: F401  (re-exported)
 from gradshield_ray.listing import Unit, list_input, list_units
 from gradshield_ray.model import check_weights
 from gradshield_ray.stages import (
-    SPLITS, UnitScoreActor, aggregate_parts, iter_rows, read_render, split_group, storage_json, write_parts,
+    SPLITS, UnitScoreActor, aggregate_parts, cluster_canaries, iter_rows, read_render, split_group, storage_json,
+    write_parts,
 )
 from gradshield_ray.summary import ScoreSummary
-from gradshield_ray.threshold import ThresholdDecision, decide
+from gradshield_ray.threshold import Canaries, ThresholdDecision, decide
 
 log = logging.getLogger("gradshield_ray")
 NODE_FIELDS = ("rows_rendered", "rows_scored", "model_loads")  # report.json `nodes`, per Ray node id
@@ -151,13 +155,28 @@ def pass1(cfg: GradShieldConfig, units: list[Unit], ledger: Ledger, faults: faul
     return stats, sizes
 
 
+def run_canaries(cfg: GradShieldConfig, ledger: Ledger) -> Canaries | None:
+    """The calibration canaries' scores (threshold.canaries != off): scored once per run in a Ray task and
+    kept in <output>/canaries.json, so a resumed attempt or a threshold-only rerun (same run identity, so
+    the same θ₀ and score) reads them instead of loading the model again."""
+    if cfg.threshold.canaries == "off":
+        return None
+    path = storage.join(ledger.out_root, "canaries.json")
+    if storage.exists(ledger.fs, path):
+        d = storage.read_json(ledger.fs, path)
+        return Canaries(harmful=np.asarray(d["harmful"], float), benign=np.asarray(d["benign"], float))
+    can = cluster_canaries(cfg)
+    storage.write_json(ledger.fs, path, {"harmful": can.harmful.tolist(), "benign": can.benign.tolist()})
+    return can
+
+
 def reduce(cfg: GradShieldConfig, ledger: Ledger) -> tuple[ThresholdDecision, ScoreSummary]:
-    """τ from the merged summaries of every committed unit; units whose summary is unknown (committed by
-    a version that kept none, or in a batch shared with units of another input) are reduced from their
-    scored files' fihs column instead."""
+    """τ from the merged summaries of every committed unit and the canaries; units whose summary is unknown
+    (committed by a version that kept none, or in a batch shared with units of another input) are reduced
+    from their scored files' fihs column instead."""
     legacy = sorted(p for k in ledger.legacy for p in ledger.files(k))
     summary = ledger.scores.merge(aggregate_parts(legacy, ledger.fs)) if legacy else ledger.scores
-    decision = decide(summary, cfg.threshold)
+    decision = decide(summary, cfg.threshold, run_canaries(cfg, ledger))
     log.info("threshold: tau=%.6g (%s)", decision.tau, decision.policy)
     storage.write_json(ledger.fs, storage.join(ledger.out_root, "threshold.json"), report._jsonable(
         {"tau": decision.tau, "policy": decision.policy, "evidence": decision.evidence,

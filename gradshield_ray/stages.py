@@ -123,6 +123,29 @@ class ScoreActor:
         return self.score(batch)
 
 
+def score_canaries(cfg_json: str, storage_json: str | None = None) -> dict[str, list[float]]:
+    """The calibration canaries' FIHS (gradshield_ray/canaries.py) with the run's θ₀, v and settings: a Ray
+    task with one scorer's resources, once per run (the model loads once more). Never written as rows."""
+    from gradshield_ray.scorer import FIHSScorer
+
+    can = FIHSScorer(_config(cfg_json, storage_json)).score_canaries()
+    return {"harmful": can.harmful.tolist(), "benign": can.benign.tolist()}
+
+
+def cluster_canaries(cfg: GradShieldConfig):
+    """score_canaries on the cluster, with the scorer actors' GPU and CPU request; None when
+    threshold.canaries is off. The Ray runner caches the result in the output prefix (canaries.json)."""
+    import ray
+
+    from gradshield_ray.threshold import Canaries
+
+    if cfg.threshold.canaries == "off":
+        return None
+    task = ray.remote(num_gpus=cfg.ray.num_gpus_per_actor, num_cpus=cfg.ray.num_cpus_per_actor)(score_canaries)
+    d = ray.get(task.remote(cfg.model_dump_json(exclude={"storage"}), storage_json(cfg)))
+    return Canaries(harmful=np.asarray(d["harmful"], float), benign=np.asarray(d["benign"], float))
+
+
 # ---------------------------------------------------------------- unit-level stages (the resumable runner)
 
 
