@@ -226,8 +226,9 @@ def read_render(batch: pa.Table, input_uri: str, storage_json: str, cfg_json: st
 class UnitScoreActor(ScoreActor):
     """ScoreActor over the unit runner's one-row units (batch_size=1 over read_render's output)."""
 
-    def __init__(self, cfg: GradShieldConfig | str, faults: fault.Faults | None = None):
-        super().__init__(cfg, faults)
+    def __init__(self, cfg: GradShieldConfig | str, faults: fault.Faults | None = None,
+                 storage_json: str | None = None):
+        super().__init__(cfg, faults, storage_json)
         self.node = _node_id()
         self.loads = 1  # reported with this actor's first unit (the report's model loads per node)
         log.info("scorer actor loaded the model: node %s, pid %d", self.node, os.getpid())
