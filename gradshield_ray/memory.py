@@ -22,7 +22,7 @@ from gradshield_ray import loss
 # MLP intermediate size; and floats per row per layer per unit of heads × T² (the attention probabilities)
 PER_HIDDEN, PER_Q, PER_INTERMEDIATE, PER_ATTENTION = 12, 4, 4, 2
 HEAD_CHUNK_COPIES = 6  # logits, soft-cap, log-softmax and their gradients of one chunk, at the backward's peak
-SLACK = 1.25  # allocator fragmentation and transient buffers on top of the counted tensors
+SLACK = 1.5  # allocator fragmentation, transient buffers and first-pass costs on top of the counted tensors
 
 
 def _dims(config) -> tuple[int, int, int, int, int, int]:
