@@ -3,7 +3,7 @@
 Why: a token budget alone ignores what a token costs. On Gemma-3-270M (hidden 640, 18 layers, a 262k
 vocabulary) the default token budget put 16 rows of 1,024 tokens in one micro-batch: before the LM head was
 chunked (loss.py) their fp32 logits were up to 16 GiB per copy, and the decoder activations kept for the
-backward are about 1 GiB per such row (benchmarks/memory.py), so the process was OOM-killed. The estimate
+backward are 1–2 GiB per such row (benchmarks/memory.py), so the process was OOM-killed. The estimate
 counts, per padded position and decoder layer, the tensors a backward through the whole decoder keeps (norm
 inputs, attention projections, the MLP's intermediate activations, the hooks' inputs), the eager/math
 attention's [heads, T, T] probabilities per row and layer, and the head chunks (a fixed cost per micro-batch
