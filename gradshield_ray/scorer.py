@@ -60,12 +60,12 @@ class FIHSScorer:
                                      sc.v_factors)
         self.budget_bytes = (sc.memory_budget_mb * 2**20 if sc.memory_budget_mb
                              else memory.default_budget_bytes(self.device))
+        self.max_rows = functools.lru_cache(maxsize=None)(self._max_rows)  # per instance: frees with the scorer
         self.stats = ScoreStats()
         if sc.verify_rows:
             self.verify(self._verification_rows(prompts[: sc.verify_rows]))
 
-    @functools.lru_cache(maxsize=4096)
-    def max_rows(self, tokens: int, method: str) -> int:
+    def _max_rows(self, tokens: int, method: str) -> int:
         """Rows of `tokens` padded positions per micro-batch within the memory budget (memory.rows_that_fit)."""
         head = self.model.get_output_embeddings().weight
         head_norms = (method == "hooks" and self.cfg.score.normalize == "cosine"
