@@ -5,10 +5,14 @@ after `ttl_s` or when its context exits. Two kinds of fault, chosen at random pe
   - "request": the request is never forwarded; the client sees its connection reset;
   - "response": the request reaches the server (and takes effect), the response is replaced by a reset,
     so the client must retry a request that already happened (idempotence).
+With `hold` (a regex on the bytes of a request), the first matching request is held, not forwarded, until
+`release` is set: `held` is set meanwhile, so a test can act (kill the client, inspect the bucket) at exactly
+that point of a run, e.g. after report.json is written and while manifest.json is being written.
 """
 from __future__ import annotations
 
 import random
+import re
 import select
 import socket
 import struct
@@ -29,7 +33,9 @@ def _reset(sock: socket.socket) -> None:
 
 class FlakyProxy:
     def __init__(self, upstream_port: int, rate: float = 0.15, max_faults: int = 40, seed: int = 0,
-                 ttl_s: float = 600.0, skip_first: int = 0):
+                 ttl_s: float = 600.0, skip_first: int = 0, hold: bytes | None = None):
+        self.hold = re.compile(hold) if hold else None
+        self.held, self.release = threading.Event(), threading.Event()
         self.upstream = ("127.0.0.1", upstream_port)
         self.rate, self.max_faults, self.ttl_s, self.skip_first = rate, max_faults, ttl_s, skip_first
         self.rng = random.Random(seed)
@@ -75,6 +81,10 @@ class FlakyProxy:
                     if not data:
                         return
                     if s is client:
+                        if self.hold is not None and self.hold.search(data) and not self.release.is_set():
+                            self.held.set()
+                            while not (self.release.wait(0.1) or self.stopped.is_set()):
+                                pass
                         kind = self._decide()
                         if kind == "request":
                             return  # finally: reset both sides, nothing forwarded

@@ -6,8 +6,10 @@ each must give exactly the baseline's kept/removed/errors row ids (determinism),
   - transient S3 errors: a proxy in front of moto resets requests, before or after the server acted;
   - the driver (`gradshield-ray run`, a subprocess) SIGKILLed during pass 1 and during pass 2, then rerun;
   - actor pool size 1 instead of 2.
-The Ray processes inherit AWS_SECRET_ACCESS_KEY and the config carries the same fake secret; the last test
-greps everything the module's jobs wrote or printed for it.
+The Ray processes inherit AWS_SECRET_ACCESS_KEY and the config carries the same fake secret; the secret test
+runs its own jobs and greps everything written or printed for it (in any test order).
+A driver killed between report.json and manifest.json (a proxy holds the manifest's PUT), with the adaptive
+threshold, checks that the next attempt deletes the dead attempt's report before pass 2.
 """
 from __future__ import annotations
 
@@ -21,12 +23,14 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -276,10 +280,10 @@ def _train_module():
     return filter_then_train
 
 
-def _start_cli(env: Env, cfg_path: Path, log: Path) -> subprocess.Popen:
+def _start_cli(env: Env, cfg_path: Path, log: Path, slow_s: str = "1.0") -> subprocess.Popen:
     """The CLI as its own driver process, joining the module's Ray (RAY_ADDRESS), as a RayJob driver would."""
     e = {**os.environ, "RAY_ADDRESS": env.gcs, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}", "OMP_NUM_THREADS": "1",
-         "GRADSHIELD_TEST_SLOW_S": "1.0"}  # a pause per part written widens the window each kill must land in
+         "GRADSHIELD_TEST_SLOW_S": slow_s}  # a pause per part written widens the window each kill must land in
     with open(log, "wb") as f:
         return subprocess.Popen([sys.executable, "-m", "gradshield_ray.cli", "run", "--config", str(cfg_path)],
                                 env=e, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
@@ -348,15 +352,71 @@ def test_driver_killed_in_pass1_and_pass2_then_rerun(env, baseline, tmp_path, mo
     same_kept_set(outcome(env, "dk", man), baseline["outcome"])
 
 
-# ---------------------------------------------------------------- security (keep last: greps the module's output)
+def test_report_of_a_dead_attempt_is_deleted_adaptive_threshold(env, baseline, tmp_path):
+    """With the adaptive threshold (the default policy): the driver is SIGKILLed after report.json is written
+    and while manifest.json is being written (a proxy holds that PUT, so the kill lands exactly there). The
+    rerun deletes that report before pass 2 writes its first shard (checked while a proxy holds that write),
+    then commits the exact result: the baseline's scores, split at the adaptive τ."""
+    from gradshield_ray.ray_pipeline import run_pipeline
+    from gradshield_ray.summary import ScoreSummary
+    from gradshield_ray.threshold import ThresholdConfig, decide
+
+    cfg = config(env, "rk", num_actors=1)
+    cfg["threshold"] = {"policy": "adaptive"}
+    cfg_path = tmp_path / "run.yaml"
+    with flaky_proxy(env.url, rate=0.0, max_faults=0, hold=rb"^PUT /faults/rk/manifest\.json") as proxy:
+        cfg_path.write_text(json.dumps({**cfg, "storage": {**cfg["storage"],
+                                                            "endpoint_url": f"http://127.0.0.1:{proxy.port}"}}))
+        p = _start_cli(env, cfg_path, tmp_path / "attempt.log", slow_s="0")
+        assert proxy.held.wait(240), "the driver never wrote manifest.json"
+        assert "rk/report.json" in keys(env, "rk/report.json") and not keys(env, "rk/manifest.json")
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(30)
+    env.printed.append((tmp_path / "attempt.log").read_text(errors="replace"))
+    time.sleep(1.0)  # Ray notices the dead driver and stops its job's workers
+    dead_report = env.client.get_object(Bucket=BUCKET, Key="rk/report.json")["Body"].read()
+    assert json.loads(dead_report)["policy"] == "adaptive" and not keys(env, "rk/manifest.json")
+
+    result: dict = {}
+    with flaky_proxy(env.url, rate=0.0, max_faults=0, hold=rb"^PUT /faults/rk/kept/") as proxy:
+        rerun = {**cfg, "storage": {**cfg["storage"], "endpoint_url": f"http://127.0.0.1:{proxy.port}"}}
+        worker = threading.Thread(target=lambda: result.update(
+            man=run_pipeline(GradShieldConfig.model_validate(rerun))), daemon=True)
+        worker.start()
+        assert proxy.held.wait(240), "the rerun never reached pass 2"
+        at_pass2 = keys(env, "rk/")
+        proxy.release.set()
+        worker.join(240)
+    assert "rk/threshold.json" in at_pass2 and "rk/report.json" not in at_pass2, at_pass2
+    man = result["man"]
+    assert man["scoring"]["rows_scored_this_attempt"] == 0 and man["policy"] == "adaptive"
+    got = outcome(env, "rk", man)
+    base = {rid: f for split in ("kept", "removed") for rid, f in baseline["outcome"][split].items()}
+    assert {**got["kept"], **got["removed"]} == base and got["errors"] == baseline["outcome"]["errors"]
+    tau = decide(ScoreSummary.from_values(np.array(list(base.values()))), ThresholdConfig()).tau
+    assert man["tau"] == pytest.approx(tau, rel=1e-12)
+    assert all(f <= man["tau"] for f in got["kept"].values()) and all(f > man["tau"] for f in got["removed"].values())
+    assert json.loads(env.client.get_object(Bucket=BUCKET, Key="rk/report.json")["Body"].read()) != json.loads(
+        dead_report)  # the committed report is the rerun's own
 
 
-def test_secret_never_written_or_printed(env, baseline):
+# ---------------------------------------------------------------- security
+
+
+def test_secret_never_written_or_printed(env, baseline, tmp_path):
     """The secret (in the config and in every Ray process's environment) appears in no object the jobs
-    wrote, no Ray session log, nothing printed or logged, and no error message."""
+    wrote, no Ray session log, nothing printed or logged, and no error message. The test runs its own
+    jobs (the baseline, a CLI driver process whose output it captures, a refused rerun), so what it checks
+    does not depend on which other tests ran before it; whatever they printed is checked too."""
     from gradshield_ray.ray_pipeline import RunError, run_pipeline
 
     secret, key_id = FAKE_SECRET.encode(), FAKE_KEY.encode()
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(json.dumps(config(env, "secret", num_actors=1)))
+    p = _start_cli(env, cfg_path, tmp_path / "cli.log", slow_s="0")
+    assert p.wait(300) == 0, (tmp_path / "cli.log").read_text(errors="replace")[-3000:]
+    env.printed.append((tmp_path / "cli.log").read_text(errors="replace"))
+    assert keys(env, "secret/manifest.json") and keys(env, "base/manifest.json")
     objects = keys(env, "")
     assert len(objects) > 50
     for k in objects:
