@@ -128,7 +128,7 @@ def finalize(cfg: GradShieldConfig, fs, out_root: str, counts: dict[str, int], d
     outputs["report_html"] = storage.join(cfg.output, "report.html")
     rep = run_report(cfg, counts, decision, summary, scoring, outputs)
     rep["inputs"] = inputs
-    rep.update({k: v for k, v in (extra or {}).items() if k != "files"})
+    rep.update({k: v for k, v in (extra or {}).items() if k not in ("files", "kept_parts")})  # O(1) in outputs
     png = io.BytesIO()
     histogram_png(summary, decision.tau, png)
     storage.write_bytes(fs, storage.join(out_root, "histogram.png"), png.getvalue())

@@ -79,7 +79,17 @@ def _write_parquet(fs, path: str, table: pa.Table) -> bytes:
 @functools.lru_cache(maxsize=2)
 def _tokenizer(model_json: str, storage_json: str):
     from gradshield_ray.config import ModelConfig
-    from gradshield_ray.model import load_tokenizer
+
+    try:
+        from gradshield_ray.model import load_tokenizer
+    except (ImportError, AttributeError) as e:
+        if "partially initialized" not in str(e):
+            raise
+        # a task cancelled while this worker imported torch (Ray Data cancels in-flight tasks when a dataset
+        # fails) leaves a half-imported torch behind, and every later task here would fail the same way: exit,
+        # so Ray replaces the worker and retries the task on a fresh one (seen once in test_ray_pipeline)
+        log.error("worker has a half-imported module (%s); exiting so Ray retries on a fresh worker", e)
+        os._exit(1)
 
     return load_tokenizer(ModelConfig.model_validate_json(model_json),
                           storage.StorageConfig.model_validate_json(storage_json))

@@ -119,7 +119,8 @@ def test_resume_after_failure_scores_fewer_rows(tmp_path, s3, ray_local, corpus,
     from gradshield_ray.ray_pipeline import run_pipeline
 
     url, client = s3
-    cfg = cfg_for(tiny_model_dir, url, "s3://corpus/run2")
+    # units of ≤ 3 rows (row groups of 5 are split into row ranges) and an autoscaling pool of 1–2 actors
+    cfg = cfg_for(tiny_model_dir, url, "s3://corpus/run2", ray={"unit_rows": 3, "min_actors": 1, "max_actors": 2})
     monkeypatch.setenv("GRADSHIELD_TEST_FAIL_AFTER_PARTS", "8")
     with pytest.raises(Exception, match="injected failure"):
         run_pipeline(cfg)
@@ -274,3 +275,35 @@ def test_second_run_into_one_prefix_fails_fast(tmp_path, s3, ray_local, corpus, 
     with Lease(other.output, storage_json(other), 3):  # expired: taken over
         held = json.loads(client.get_object(Bucket="corpus", Key="lease2/_lease.json")["Body"].read())
         assert held["host"] != "another-host" and held["pid"] == os.getpid()
+
+
+def test_unit_rows_split_row_groups_into_ranges(tmp_path):
+    """A row group larger than ray.unit_rows becomes row ranges that tile it; each is read on its own."""
+    from gradshield_ray import storage
+    from gradshield_ray.listing import list_units
+    from gradshield_ray.stages import read_unit
+
+    d = tmp_path / "in"
+    d.mkdir()
+    rows = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in range(17)]
+    pq.write_table(pa.table({"messages": rows, "k": list(range(17))}), d / "a.parquet", row_group_size=10)
+    cfg = GradShieldConfig.model_validate({"input": str(d), "ray": {"unit_rows": 4}})
+    units = list_units(cfg)
+    assert [(u.row_group, u.start, u.n_rows, u.offset) for u in units] == [
+        (0, 0, 4, 0), (0, 4, 4, 4), (0, 8, 2, 8), (1, 0, 4, 10), (1, 4, 3, 14)]
+    assert len({u.key for u in units}) == 5 and units[0].key == "a.parquet/rg-00000-r0000000000"
+    fs, _ = storage.filesystem(str(d), cfg.storage)
+    got = [k for u in units for k in read_unit(fs, u.__dict__)["k"].to_pylist()]
+    assert got == list(range(17))
+    whole = list_units(GradShieldConfig.model_validate({"input": str(d)}))  # default: whole row groups, old keys
+    assert [u.key for u in whole] == ["a.parquet/rg-00000", "a.parquet/rg-00001"]
+
+
+def test_actor_pool_bounds():
+    from gradshield_ray.config import RayConfig
+
+    assert RayConfig(num_actors=3).pool_size() == (3, 3)
+    assert RayConfig(min_actors=1, max_actors=8).pool_size() == (1, 8)
+    assert RayConfig(num_actors=2, max_actors=4).pool_size() == (2, 4)
+    with pytest.raises(ValueError, match="larger than ray.max_actors"):
+        RayConfig(min_actors=5, max_actors=2)
