@@ -359,7 +359,7 @@ def test_report_of_a_dead_attempt_is_deleted_adaptive_threshold(env, baseline, t
     then commits the exact result: the baseline's scores, split at the adaptive τ."""
     from gradshield_ray.ray_pipeline import run_pipeline
     from gradshield_ray.summary import ScoreSummary
-    from gradshield_ray.threshold import ThresholdConfig, decide
+    from gradshield_ray.threshold import Canaries, ThresholdConfig, decide
 
     cfg = config(env, "rk", num_actors=1)
     cfg["threshold"] = {"policy": "adaptive"}
@@ -393,7 +393,10 @@ def test_report_of_a_dead_attempt_is_deleted_adaptive_threshold(env, baseline, t
     got = outcome(env, "rk", man)
     base = {rid: f for split in ("kept", "removed") for rid, f in baseline["outcome"][split].items()}
     assert {**got["kept"], **got["removed"]} == base and got["errors"] == baseline["outcome"]["errors"]
-    tau = decide(ScoreSummary.from_values(np.array(list(base.values()))), ThresholdConfig()).tau
+    # the adaptive τ of the baseline's scores, with the canaries this run scored (threshold.canaries: gate)
+    can = json.loads(env.client.get_object(Bucket=BUCKET, Key="rk/canaries.json")["Body"].read())
+    tau = decide(ScoreSummary.from_values(np.array(list(base.values()))), ThresholdConfig(),
+                 Canaries(np.array(can["harmful"]), np.array(can["benign"]))).tau
     assert man["tau"] == pytest.approx(tau, rel=1e-12)
     assert all(f <= man["tau"] for f in got["kept"].values()) and all(f > man["tau"] for f in got["removed"].values())
     assert json.loads(env.client.get_object(Bucket=BUCKET, Key="rk/report.json")["Body"].read()) != json.loads(
