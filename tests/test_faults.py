@@ -355,8 +355,10 @@ def test_driver_killed_in_pass1_and_pass2_then_rerun(env, baseline, tmp_path, mo
 def test_report_of_a_dead_attempt_is_deleted_adaptive_threshold(env, baseline, tmp_path):
     """With the adaptive threshold (the default policy): the driver is SIGKILLed after report.json is written
     and while manifest.json is being written (a proxy holds that PUT, so the kill lands exactly there). The
-    rerun deletes that report before pass 2 writes its first shard (checked while a proxy holds that write),
-    then commits the exact result: the baseline's scores, split at the adaptive τ."""
+    rerun deletes that report when pass 2 starts; pass 2 is resumable and the dead attempt had committed every
+    group, so nothing is split again, and the check is made while a proxy holds the rerun's first write of its
+    own report files (histogram.png, written by finalize before report.json). Then it commits the exact result:
+    the baseline's scores, split at the adaptive τ."""
     from gradshield_ray.ray_pipeline import run_pipeline
     from gradshield_ray.summary import ScoreSummary
     from gradshield_ray.threshold import Canaries, ThresholdConfig, decide
@@ -378,18 +380,19 @@ def test_report_of_a_dead_attempt_is_deleted_adaptive_threshold(env, baseline, t
     assert json.loads(dead_report)["policy"] == "adaptive" and not keys(env, "rk/manifest.json")
 
     result: dict = {}
-    with flaky_proxy(env.url, rate=0.0, max_faults=0, hold=rb"^PUT /faults/rk/kept/") as proxy:
+    with flaky_proxy(env.url, rate=0.0, max_faults=0, hold=rb"^PUT /faults/rk/histogram\.png") as proxy:
         rerun = {**cfg, "storage": {**cfg["storage"], "endpoint_url": f"http://127.0.0.1:{proxy.port}"}}
         worker = threading.Thread(target=lambda: result.update(
             man=run_pipeline(GradShieldConfig.model_validate(rerun))), daemon=True)
         worker.start()
-        assert proxy.held.wait(240), "the rerun never reached pass 2"
+        assert proxy.held.wait(240), "the rerun never reached its report"
         at_pass2 = keys(env, "rk/")
         proxy.release.set()
         worker.join(240)
     assert "rk/threshold.json" in at_pass2 and "rk/report.json" not in at_pass2, at_pass2
     man = result["man"]
     assert man["scoring"]["rows_scored_this_attempt"] == 0 and man["policy"] == "adaptive"
+    assert man["scoring"]["groups_split_this_attempt"] == 0  # pass 2 resumed: every group was committed
     got = outcome(env, "rk", man)
     base = {rid: f for split in ("kept", "removed") for rid, f in baseline["outcome"][split].items()}
     assert {**got["kept"], **got["removed"]} == base and got["errors"] == baseline["outcome"]["errors"]
