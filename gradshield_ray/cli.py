@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             from gradshield_ray.ray_pipeline import run_pipeline
 
             result = run_pipeline(cfg)
-            result = {k: result[k] for k in ("counts", "tau", "policy", "outputs")}
+            result = {k: result[k] for k in ("counts", "tau", "policy", "score_check", "outputs")}
         elif args.command == "score":
             result = local.run_score(cfg)
         elif args.command == "threshold":
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             result = {"tau": decision.tau, "policy": decision.policy, "evidence": decision.evidence}
         else:
             result = local.run_filter(cfg)
-            result = {k: result[k] for k in ("counts", "tau", "policy", "outputs")}
+            result = {k: result[k] for k in ("counts", "tau", "policy", "score_check", "outputs")}
         print(json.dumps(result, indent=2, default=str))
         return 0
     except ValidationError as e:

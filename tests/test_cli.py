@@ -92,7 +92,7 @@ def test_quiet_prints_only_the_final_json(tmp_path, corpus, tiny_model_dir):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
-    assert set(json.loads(proc.stdout)) == {"counts", "tau", "policy", "outputs"}
+    assert set(json.loads(proc.stdout)) == {"counts", "tau", "policy", "score_check", "outputs"}
 
 
 def test_score_then_threshold_commands(tmp_path, corpus, tiny_model_dir, capsys):
