@@ -128,28 +128,12 @@ def group_of(name: str) -> str:
 
 
 def first_token_grad(scorer, prompts: list[str], fn) -> dict[str, torch.Tensor]:
-    """∇ mean_x fn(logits at the first assistant token | x) over the scorer's parameters."""
-    from gradshield_ray.batching import Encoded, collate
-    from gradshield_ray.loss import last_token_logits
-    from gradshield_ray.proxy import probe_prefixes
+    """∇ mean_x fn(logits at the first assistant token | x) over the scorer's parameters (the product's own
+    first-token gradient, with another function of the logits than the proxy's)."""
+    from gradshield_ray.proxy import first_token_gradient, probe_prefixes
 
-    names, plist = list(scorer.params), list(scorer.params.values())
-    acc = [torch.zeros_like(p, dtype=torch.float32) for p in plist]
-    pre = probe_prefixes(scorer.tokenizer, prompts)
-    for p in plist:
-        p.requires_grad_(True)
-    try:
-        for i in range(0, len(pre), 8):
-            enc = [Encoded(ids, [False] * len(ids), False) for ids in pre[i:i + 8]]
-            logits = last_token_logits(scorer.model, collate(enc, scorer.pad, "right").to(scorer.device))
-            s = fn(logits).sum() / len(pre)
-            for a, g in zip(acc, torch.autograd.grad(s, plist, allow_unused=True)):
-                if g is not None:
-                    a += g.float()
-    finally:
-        for p in plist:
-            p.requires_grad_(False)
-    return dict(zip(names, acc))
+    return first_token_gradient(scorer.model, scorer.params, probe_prefixes(scorer.tokenizer, prompts), fn,
+                                scorer.pad, scorer.device)[0]
 
 
 def directions(scorer, benign_prompts: list[str]) -> dict[str, dict[str, torch.Tensor]]:

@@ -89,33 +89,32 @@ def resolve_pair(tokenizer, prompts: list[str], cfg: ProxyConfig) -> tuple[int, 
     return c, r
 
 
-def safety_proxy(model, batch_ids: list[list[int]], comply_id: int, refuse_id: int, pad: int,
-                 device: torch.device) -> torch.Tensor:
-    """Σ over the given probes of logit(comply) − logit(refuse) (a sum, so chunks add up)."""
-    enc = [Encoded(ids, [False] * len(ids), False) for ids in batch_ids]
-    logits = last_token_logits(model, collate(enc, pad, "right").to(device))
-    return (logits[:, comply_id] - logits[:, refuse_id]).sum()
-
-
-def reference_direction(model, params: dict[str, torch.nn.Parameter], prefixes: list[list[int]],
-                        comply_id: int, refuse_id: int, pad: int, device: torch.device,
-                        batch_size: int = 8) -> tuple[dict[str, torch.Tensor], float]:
-    """(v, S(θ₀)): v = ∇S over `params`, in float32, accumulated over probe chunks."""
+def first_token_gradient(model, params: dict[str, torch.nn.Parameter], prefixes: list[list[int]], fn, pad: int,
+                         device: torch.device, batch_size: int = 8) -> tuple[dict[str, torch.Tensor], float]:
+    """(∇ mean_x fn(logits at x's first assistant token), that mean) over `params`, in float32, accumulated
+    over prefix chunks. `fn` maps [B, V] logits to [B] values; the proxy S is one such function."""
     names, plist = list(params), list(params.values())
-    v = [torch.zeros_like(p, dtype=torch.float32) for p in plist]
+    acc = [torch.zeros_like(p, dtype=torch.float32) for p in plist]
     total = 0.0
     for p in plist:
         p.requires_grad_(True)
     try:
         for i in range(0, len(prefixes), batch_size):
-            s = safety_proxy(model, prefixes[i : i + batch_size], comply_id, refuse_id, pad, device)
-            s = s / len(prefixes)
-            grads = torch.autograd.grad(s, plist, allow_unused=True)
-            for acc, g in zip(v, grads):
+            enc = [Encoded(ids, [False] * len(ids), False) for ids in prefixes[i : i + batch_size]]
+            s = fn(last_token_logits(model, collate(enc, pad, "right").to(device))).sum() / len(prefixes)
+            for a, g in zip(acc, torch.autograd.grad(s, plist, allow_unused=True)):
                 if g is not None:
-                    acc += g.float()
+                    a += g.float()
             total += float(s.detach())
     finally:
         for p in plist:
             p.requires_grad_(False)
-    return dict(zip(names, v)), total
+    return dict(zip(names, acc)), total
+
+
+def reference_direction(model, params: dict[str, torch.nn.Parameter], prefixes: list[list[int]],
+                        comply_id: int, refuse_id: int, pad: int, device: torch.device,
+                        batch_size: int = 8) -> tuple[dict[str, torch.Tensor], float]:
+    """(v, S(θ₀)): v = ∇S over `params`, S = mean logit(comply) − logit(refuse) at the first assistant token."""
+    return first_token_gradient(model, params, prefixes, lambda lg: lg[:, comply_id] - lg[:, refuse_id], pad,
+                                device, batch_size)
