@@ -72,13 +72,14 @@ class FlakyProxy:
         except OSError:
             _reset(client)
             return
-        drop_next_response = False
+        drop_next_response, graceful = False, False
         try:
             while not self.stopped.is_set():
                 ready, _, _ = select.select([client, upstream], [], [], 0.5)
                 for s in ready:
                     data = s.recv(65536)
-                    if not data:
+                    if not data:  # a side closed normally (e.g. the server's Connection: close): pass the FIN on,
+                        graceful = True  # not a reset, which would discard a response the client has not read yet
                         return
                     if s is client:
                         if self.hold is not None and self.hold.search(data) and not self.release.is_set():
@@ -97,7 +98,7 @@ class FlakyProxy:
         except OSError:
             pass
         finally:
-            _reset(client)
+            client.close() if graceful else _reset(client)
             upstream.close()
 
     def _serve(self) -> None:

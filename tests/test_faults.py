@@ -379,11 +379,7 @@ def test_report_of_a_dead_attempt_is_deleted_adaptive_threshold(env, baseline, t
     dead_report = env.client.get_object(Bucket=BUCKET, Key="rk/report.json")["Body"].read()
     assert json.loads(dead_report)["policy"] == "adaptive" and not keys(env, "rk/manifest.json")
 
-    # The dead driver's lease (_lease.json) is removed here, directly on the server: through this test's holding
-    # proxy the rerun's conditional PUT of the existing lease key failed with a closed connection
-    # (botocore ConnectionClosedError, seen in session 5), a limit of the proxy, not of the lease. Taking over a
-    # dead driver's lease is tested without a proxy in test_ray_pipeline.py::test_second_run_into_one_prefix_fails_fast.
-    env.client.delete_object(Bucket=BUCKET, Key="rk/_lease.json")
+    # the rerun takes over the dead driver's lease (_lease.json) through the proxy, by a conditional PUT
     result: dict = {}
     with flaky_proxy(env.url, rate=0.0, max_faults=0, hold=rb"^PUT /faults/rk/histogram\.png") as proxy:
         rerun = {**cfg, "storage": {**cfg["storage"], "endpoint_url": f"http://127.0.0.1:{proxy.port}"}}
