@@ -196,11 +196,17 @@ def config(proxy_url: str, model: str, inp: str, out: str) -> dict:
             "output_files": {"target_file_bytes": TARGET_FILE_BYTES}}
 
 
-def driver(cfg: dict, tmp: Path, gcs: str, extra_env: dict | None = None) -> subprocess.Popen:
+def driver(cfg: dict, tmp: Path, gcs: str, extra_env: dict | None = None,
+           profile: Path | None = None) -> subprocess.Popen:
+    """A `gradshield-ray run` driver process; with `profile`, under py-spy (every Python thread of the
+    driver, Ray Data's executor thread included, sampled while it holds the GIL; collapsed stacks written
+    to that file)."""
     path = tmp / f"cfg-{time.monotonic_ns()}.json"
     path.write_text(json.dumps(cfg))
     env = {**os.environ, "RAY_ADDRESS": gcs, "OMP_NUM_THREADS": "1", **(extra_env or {})}
-    return subprocess.Popen([sys.executable, "-m", "gradshield_ray.cli", "run", "--config", str(path)], env=env,
+    spy = [shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy", "record", "--format", "raw",
+           "--threads", "--gil", "--nonblocking", "--rate", "100", "-o", str(profile), "--"] if profile else []
+    return subprocess.Popen([*spy, sys.executable, "-m", "gradshield_ray.cli", "run", "--config", str(path)], env=env,
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(tmp / "driver.log", "ab"),
                             start_new_session=True)
 
@@ -242,10 +248,53 @@ def check_outputs(s3, out: str, n_rows: int, man: dict) -> list[str]:
     return problems
 
 
-def measure(s3, proxy: CountingProxy, cfg: dict, tmp: Path, gcs: str, out: str, n_rows: int, units: int) -> dict:
+def thread_cpu(pid: int, stop: threading.Event, out: Path) -> None:
+    """Poll /proc/<pid>/task/*/stat until `stop`: CPU seconds of each thread of the process tree's driver
+    (utime + stime, last value seen), summed by thread name, written as JSON. py-spy sees Python frames only;
+    this also counts the C++ threads (Ray's core worker, gRPC) where a driver's CPU may go."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    seen: dict[str, tuple[str, float]] = {}
+    while not stop.wait(0.25):
+        for pid_dir in Path("/proc").glob(f"{pid}/task/*"):
+            try:
+                stat = (pid_dir / "stat").read_text()
+            except OSError:
+                continue
+            name = stat[stat.index("(") + 1:stat.rindex(")")]
+            f = stat[stat.rindex(")") + 2:].split()
+            seen[pid_dir.name] = (name, (int(f[11]) + int(f[12])) / ticks)
+    by = Counter()
+    for name, cpu in seen.values():
+        by[name] += cpu
+    out.write_text(json.dumps(dict(by.most_common()), indent=1))
+
+
+def _driver_pid(p: subprocess.Popen, profile: Path | None) -> int:
+    """The python driver's pid (under py-spy, py-spy's child)."""
+    if not profile:
+        return p.pid
+    for _ in range(100):
+        kids = Path(f"/proc/{p.pid}/task/{p.pid}/children")
+        if kids.exists() and kids.read_text().split():
+            return int(kids.read_text().split()[0])
+        time.sleep(0.05)
+    return p.pid
+
+
+def measure(s3, proxy: CountingProxy, cfg: dict, tmp: Path, gcs: str, out: str, n_rows: int, units: int,
+            profile: Path | None = None) -> dict:
     before = proxy.snapshot()
     t = time.perf_counter()
-    finish(driver(cfg, tmp, gcs))
+    p = driver(cfg, tmp, gcs, profile=profile)
+    stop = threading.Event()
+    if profile:
+        poll = threading.Thread(target=thread_cpu, args=(_driver_pid(p, profile), stop,
+                                                         profile.with_suffix(".threads.json")), daemon=True)
+        poll.start()
+    finish(p)
+    stop.set()
+    if profile:
+        poll.join()
     wall = time.perf_counter() - t
     requests = proxy.snapshot() - before
     man = json.loads(s3.get_object(Bucket=BUCKET, Key=f"{out}/manifest.json")["Body"].read())
@@ -266,12 +315,13 @@ def measure(s3, proxy: CountingProxy, cfg: dict, tmp: Path, gcs: str, out: str, 
             "problems": check_outputs(s3, out, n_rows, man)}
 
 
-def one_size(s3, proxy, model, tmp, gcs, units: int, rpu: int, kills: bool) -> dict:
+def one_size(s3, proxy, model, tmp, gcs, units: int, rpu: int, kills: bool, profile_dir: Path | None = None) -> dict:
     inp = f"in-{units}-{rpu}"
     n_rows = upload_corpus(s3, units, rpu, inp)
     purl = f"http://127.0.0.1:{proxy.server_address[1]}"
+    prof = profile_dir / f"driver-{units}x{rpu}.txt" if profile_dir else None
     r = measure(s3, proxy, config(purl, model, inp, f"fresh-{units}-{rpu}"), tmp, gcs, f"fresh-{units}-{rpu}",
-                n_rows, units)
+                n_rows, units, prof)
     if kills:
         out = f"resume-{units}-{rpu}"
         cfg = config(purl, model, inp, out)
@@ -338,7 +388,12 @@ def main() -> int:
     ap.add_argument("--kills-max-units", type=int, default=None,
                     help="run the SIGKILL scenarios only at sizes up to this many units (CI: keeps its time bounded)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="record each fresh driver with py-spy (pip install py-spy) into this folder, "
+                         "collapsed stacks; summarize with benchmarks/profile_summary.py")
     a = ap.parse_args()
+    if a.profile:
+        a.profile.mkdir(parents=True, exist_ok=True)
     import ray
 
     tmp = Path(tempfile.mkdtemp(prefix="gss"))
@@ -358,7 +413,7 @@ def main() -> int:
         for units in (int(u) for u in a.units.split(",")):
             t = time.perf_counter()
             kills = not a.no_kills and (a.kills_max_units is None or units <= a.kills_max_units)
-            results.append(one_size(s3, proxy, model, tmp, gcs, units, a.rows_per_unit, kills))
+            results.append(one_size(s3, proxy, model, tmp, gcs, units, a.rows_per_unit, kills, a.profile))
             print(f"# {units} units done in {time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
         print(f"rows per unit {a.rows_per_unit}; tiny Llama hidden 32, 1 layer; target_file_bytes {TARGET_FILE_BYTES}")
         print(table(results))
