@@ -315,26 +315,13 @@ def measure(s3, proxy: CountingProxy, cfg: dict, tmp: Path, gcs: str, out: str, 
             "problems": check_outputs(s3, out, n_rows, man)}
 
 
-def one_size(s3, proxy, model, tmp, gcs, units: int, rpu: int, kills: bool, profile_dir: Path | None = None,
-             slow_s: float = 0.0) -> dict:
+def one_size(s3, proxy, model, tmp, gcs, units: int, rpu: int, kills: bool, profile_dir: Path | None = None) -> dict:
     inp = f"in-{units}-{rpu}"
     n_rows = upload_corpus(s3, units, rpu, inp)
     purl = f"http://127.0.0.1:{proxy.server_address[1]}"
     prof = profile_dir / f"driver-{units}x{rpu}.txt" if profile_dir else None
     r = measure(s3, proxy, config(purl, model, inp, f"fresh-{units}-{rpu}"), tmp, gcs, f"fresh-{units}-{rpu}",
                 n_rows, units, prof)
-    if slow_s:
-        # The same units, with pass 1 slowed in the workers (a pause per unit scored and per unit written):
-        # the driver does the same per-unit work over a longer wall time. The difference in driver CPU over
-        # the difference in wall is what the driver burns per second just waiting (Ray's executor loop,
-        # gRPC pollers); the rest of its CPU is the fixed start-up plus the per-unit work.
-        out = f"slow-{units}-{rpu}"
-        sl = measure(s3, proxy, config(purl, model, inp, out), tmp, gcs, out, n_rows, units,
-                     extra_env={"GRADSHIELD_TEST_SLOW_S": str(slow_s)})
-        per_s = (sl["driver_cpu_s"] - r["driver_cpu_s"]) / max(sl["wall_s"] - r["wall_s"], 1e-9)
-        r.update(slow_wall_s=sl["wall_s"], slow_driver_cpu_s=sl["driver_cpu_s"], driver_cpu_per_wall_s=per_s,
-                 driver_cpu_net_s=r["driver_cpu_s"] - per_s * r["wall_s"])
-        r["problems"] += sl["problems"]
     if kills:
         out = f"resume-{units}-{rpu}"
         cfg = config(purl, model, inp, out)
@@ -363,7 +350,6 @@ def one_size(s3, proxy, model, tmp, gcs, units: int, rpu: int, kills: bool, prof
 
 
 FIGURES = ("wall_s", "listing_s", "pass1_s", "reduce_s", "pass2_s", "manifest_s", "driver_cpu_s",
-           "slow_wall_s", "slow_driver_cpu_s", "driver_cpu_per_wall_s", "driver_cpu_net_s",
            "driver_peak_rss_mib", "requests_total", "objects_written", "manifest_bytes", "report_bytes",
            "resume_s", "resume_peak_rss_mib", "pass2_redone_share")
 
@@ -373,8 +359,6 @@ def table(results: list[dict]) -> str:
     lines = ["| figure | " + " | ".join(f"{u:,} units" for u in cols) + " | growth per 10x (last step) |",
              "|---|" + "---|" * (len(cols) + 1)]
     for f in (*FIGURES, "requests_by_verb", "requests_per_unit", "driver_cpu_ms_per_unit"):
-        if f.startswith(("slow_", "driver_cpu_per_wall", "driver_cpu_net")) and not any(f in r for r in results):
-            continue
         vals = []
         for r in results:
             if f == "requests_by_verb":
@@ -404,9 +388,6 @@ def main() -> int:
     ap.add_argument("--kills-max-units", type=int, default=None,
                     help="run the SIGKILL scenarios only at sizes up to this many units (CI: keeps its time bounded)")
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--slow-probe", type=float, default=0.0, metavar="S",
-                    help="also run each size with pass 1 slowed by S seconds per unit in the workers, to split "
-                         "driver CPU into a per-second (waiting) part and a per-unit part")
     ap.add_argument("--profile", type=Path, default=None,
                     help="record each fresh driver with py-spy (pip install py-spy) into this folder, "
                          "collapsed stacks; summarize with benchmarks/profile_summary.py")
@@ -432,18 +413,14 @@ def main() -> int:
         for units in (int(u) for u in a.units.split(",")):
             t = time.perf_counter()
             kills = not a.no_kills and (a.kills_max_units is None or units <= a.kills_max_units)
-            results.append(one_size(s3, proxy, model, tmp, gcs, units, a.rows_per_unit, kills, a.profile, a.slow_probe))
+            results.append(one_size(s3, proxy, model, tmp, gcs, units, a.rows_per_unit, kills, a.profile))
             print(f"# {units} units done in {time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
         print(f"rows per unit {a.rows_per_unit}; tiny Llama hidden 32, 1 layer; target_file_bytes {TARGET_FILE_BYTES}")
         print(table(results))
         for r0, r1 in zip(results, results[1:]):
             d_units = r1["units"] - r0["units"]
-            line = (f"marginal driver CPU per unit, {r0['units']:,} → {r1['units']:,} units: "
-                    f"{1000 * (r1['driver_cpu_s'] - r0['driver_cpu_s']) / d_units:.2f} ms")
-            if "driver_cpu_net_s" in r0 and "driver_cpu_net_s" in r1:
-                net = 1000 * (r1["driver_cpu_net_s"] - r0["driver_cpu_net_s"]) / d_units
-                line += f"; net of the per-second part: {net:.2f} ms"
-            print(line)
+            print(f"marginal driver CPU per unit, {r0['units']:,} → {r1['units']:,} units: "
+                  f"{1000 * (r1['driver_cpu_s'] - r0['driver_cpu_s']) / d_units:.2f} ms")
         if a.json:
             a.json.write_text(json.dumps(results, indent=2))
         bad = [(r["units"], p) for r in results for p in r["problems"]]
