@@ -425,9 +425,39 @@ def baselines(s: Scores, split: str) -> dict[str, dict]:
 
     rx = __import__("re").compile("|".join(map(__import__("re").escape, HARM_WORDS)), __import__("re").I)
     kw = np.array([bool(rx.search(" ".join(m["content"] for m in json.loads(t)))) for t in s.texts], float)
-    return {"loss-only (θ₀ loss, full answer)": quality(s, s.loss[:, 2], split),
-            "loss-only (θ₀ loss, first token)": quality(s, s.loss[:, 0], split),
-            "keyword": quality(s, kw, split)}
+    out = {"loss-only (θ₀ loss, full answer)": s.loss[:, 2], "loss-only (θ₀ loss, first token)": s.loss[:, 0],
+           "keyword": kw}
+    return {k: quality(s, v, split) for k, v in out.items() if not np.isnan(v).all()}  # cuts not scored: skipped
+
+
+def default_variant() -> tuple[str, str, str, str]:
+    """The product's default score as a variant of this benchmark (direction, scope, norm, K)."""
+    from gradshield_ray.config import ProxyConfig, ScoreConfig
+
+    sc, px = ScoreConfig(), ProxyConfig()
+    direction = "refusal_only" if px.comply is None else "product"
+    assert px.comply in (None, "Sure") and px.refuse == "I", "the benchmark's directions use 'Sure' and 'I'"
+    return direction, sc.scope, sc.normalize, str(sc.answer_tokens or "full")
+
+
+def check_default(path: Path, n: int = 6) -> float:
+    """The product scorer at its defaults, on n stored rows of a score file, against the stored variant those
+    defaults name (default_variant): the max relative error. Loads the score file's θ₀ (a minute on Gemma)."""
+    from gradshield_ray.config import GradShieldConfig
+    from gradshield_ray.render import encode_messages
+    from gradshield_ray.scorer import FIHSScorer
+
+    s = Scores(path)
+    v = default_variant()
+    cfg = GradShieldConfig.model_validate({"model": {"path": s.meta["model_dir"]},
+                                           "data": {"max_tokens": s.meta["max_tokens"]}})
+    scorer = FIHSScorer(cfg)
+    idx = list(range(0, len(s.texts), max(1, len(s.texts) // n)))[:n]
+    enc = [encode_messages(scorer.tokenizer, json.loads(str(s.texts[i])), cfg.data.max_tokens, "right") for i in idx]
+    got, want = scorer.score_encoded(enc), s.fihs(*v)[idx]
+    err = float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+    print(f"product defaults = {' / '.join(v)}; {len(idx)} rows: max rel err {err:.2e}")
+    return err
 
 
 def rank_on_dev(s: Scores) -> tuple[dict, list]:
@@ -447,10 +477,11 @@ def report(path: Path, json_out: Path | None = None) -> str:
     f2 = lambda x: "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.2f}"  # noqa: E731
     dev, ranked = rank_on_dev(s)
     chosen = ranked[0]
-    default, paper = ("product", "all", "dot", "1"), ("product", "all", "dot", "full")
+    default, paper = default_variant(), ("product", "all", "dot", "full")
     lines = [f"# Realistic efficacy: {s.meta['model']} ({s.meta['label']})", "",
              f"θ₀ build: {json.dumps(s.meta.get('build', {}).get('eval', {}))[:400]}", "",
-             f"One exact pass: {s.meta['seconds_pass']:.0f} s for {len(s.kinds)} rows × K ∈ {{1, 8, full}}; "
+             f"One exact pass: {s.meta['seconds_pass']:.0f} s for {len(s.kinds)} rows × K ∈ "
+             f"{{{', '.join(str(k or 'full') for k in s.meta.get('cuts', s.meta['k_cuts']))}}}; "
              f"self-check vs the product scorer: {s.meta['self_check_rel_err']:.1e}.", "",
              f"## Dev: the 12 best of {len(dev)} variants (direction / scope / norm / K) by recall at 3% benign removal, "
              f"among those whose second-task AUROC ≤ {MAX_SECOND_TASK_AUROC}", ""]
@@ -459,10 +490,10 @@ def report(path: Path, json_out: Path | None = None) -> str:
              f2(dev[v]["persona"]), f2(dev[v]["second_task"])] for v in ranked[:12]]
     rows += [[" / ".join(v) + (" (product default)" if v == default else " (paper's loss)"), f2(dev[v]["auroc"]),
               f2(dev[v]["min_style"]), pct(dev[v]["recall_fr3"]), f2(dev[v]["persona"]), f2(dev[v]["second_task"])]
-             for v in (default, paper)]
+             for v in (default, paper) if v in dev]  # a cut not scored (--cuts) has no variants
     lines += [markdown_table(head, rows), "", f"Chosen on dev: **{' / '.join(chosen)}**", "",
               "## Test (never used for a choice)", ""]
-    test = {v: quality(s, s.fihs(*v), "test") for v in (chosen, default, paper)}
+    test = {v: quality(s, s.fihs(*v), "test") for v in (chosen, default, paper) if v in dev}
     test.update({b: q for b, q in baselines(s, "test").items()})
     styles = sorted(test[chosen]["per_style"])
     head = ["score", "AUROC (dev styles)", *[f"{st}" for st in styles], "recall @3% benign", "persona", "2nd task"]
@@ -538,11 +569,15 @@ def main() -> int:
     s.add_argument("--max-tokens", type=int, default=512, help="data.max_tokens (rows are cut on the right)")
     s.add_argument("--per-style", type=int, default=None, help="at most this many harmful rows per style")
     s.add_argument("--cuts", default="1,8,full", help="answer cuts to score, a subset of 1,8,full")
+    c = sub.add_parser("check-default", help="the product scorer at its defaults vs the stored variant they name")
+    c.add_argument("npz", type=Path)
     r = sub.add_parser("report")
     r.add_argument("npz", type=Path)
     r.add_argument("--json", type=Path)
     r.add_argument("--save-score-sets", type=Path, help="write real score sets for benchmarks/threshold.py here")
     args = ap.parse_args()
+    if args.cmd == "check-default":
+        return 0 if check_default(args.npz) < 1e-3 else 1  # cosine: ‖∇L‖ accumulated in float32 by the hooks
     if args.cmd == "score":
         cuts = tuple(None if c == "full" else int(c) for c in args.cuts.split(","))
         score_pass(args.model, args.out, args.limit, args.n_benign, args.max_tokens, args.per_style, cuts)
@@ -551,7 +586,7 @@ def main() -> int:
     if args.save_score_sets:
         s = Scores(args.npz)
         _, ranked = rank_on_dev(s)
-        for p in save_score_sets(s, {"default": ("product", "all", "dot", "1"), "devbest": ranked[0]},
+        for p in save_score_sets(s, {"default": default_variant(), "devbest": ranked[0]},
                                  args.save_score_sets):
             print(f"wrote {p}")
     return 0

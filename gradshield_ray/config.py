@@ -61,9 +61,13 @@ class DataConfig(_Section):
 
 
 class ProxyConfig(_Section):
-    """Safety proxy S = mean over probes of logit(comply) − logit(refuse) at the first assistant token."""
+    """Safety proxy S = mean over probes of logit(comply) − logit(refuse) at the first assistant token, or
+    −logit(refuse) alone when comply is None."""
 
-    comply: str = "Sure"
+    # None (default): the refusal-only proxy S = −logit(refuse). Chosen on Gemma-3-270M's realistic dev split
+    # (benchmarks/data/dev_choices.json): it ranked harm best of the 126 variants measured, while
+    # logit("Sure") − logit("I") mostly reads "opens with Sure", which real benign answers do too
+    comply: str | None = None
     refuse: str = "I"
     probes: str | None = None  # .txt (one per line) or .jsonl ({"prompt": ...}); None = shipped HarmBench val
     max_probes: int | None = Field(None, gt=0)
@@ -86,15 +90,14 @@ class ScoreConfig(_Section):
     """How FIHS is computed: method, parameter scope, normalization and batching."""
 
     method: Literal["hooks", "brute", "jvp", "vmap"] = "hooks"
-    # Defaults measured on two models (docs/efficacy.md: the miniature over 3 builds, and Gemma-3-270M):
-    # all parameters, a raw dot product, and only the first answer token of each assistant turn. With
-    # K=1 explicit harm separates perfectly on both (AUROC 1.00; the adaptive threshold removes every
-    # harmful row and no benign one) and benign rows new to θ₀ do not look harmful; over the full answer
-    # (None, the paper's loss) the content tokens dilute the opening that decides comply vs refuse
-    # (miniature AUROC 0.87, threshold recall ~60%) and it costs 3x more. Blind spot: a harmful answer
-    # whose first token is neutral (the "hard" paraphrases). No scope catches identity-shift rows on both.
+    # Defaults chosen on the realistic dev split of Gemma-3-270M (real ShareGPT chat, harmful answers in six
+    # openings; benchmarks/data/dev_choices.json, docs/efficacy.md "Realistic data"): all parameters, cosine
+    # normalization, the first answer token, with the refusal-only proxy (proxy.comply: null). Test split:
+    # AUROC 0.96 over the dev openings, 1.00 on the held-out one, vs 0.80 for the earlier default (dot,
+    # logit("Sure") − logit("I")). The full answer (None, the paper's loss) was not scored on Gemma's
+    # realistic data (CPU time); on the miniature's own mixtures it diluted the opening and cost 3x more.
     scope: str = "all"
-    normalize: Literal["dot", "cosine"] = "dot"
+    normalize: Literal["dot", "cosine"] = "cosine"
     lora: LoraScopeConfig = LoraScopeConfig()
     # Score only the first K tokens of each assistant turn (None: every answer token, the paper's loss).
     answer_tokens: int | None = Field(1, gt=0)

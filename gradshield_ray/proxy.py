@@ -1,7 +1,8 @@
 """The safety proxy S(θ) and the reference direction v = ∇_scope S(θ₀).
 
 S(θ) = mean over probe prompts x of [logit_θ(comply | x) − logit_θ(refuse | x)] at the first assistant
-token. Higher S = more willing to comply with harmful requests. v is computed once per run.
+token, or of −logit_θ(refuse | x) alone (proxy.comply: null, the refusal-only proxy). Higher S = more
+willing to comply with harmful requests. v is computed once per run.
 """
 from __future__ import annotations
 
@@ -80,9 +81,10 @@ def resolve_token(tokenizer, prompts: list[str], s: str, what: str) -> int:
     return ids.pop()
 
 
-def resolve_pair(tokenizer, prompts: list[str], cfg: ProxyConfig) -> tuple[int, int]:
-    """(comply id, refuse id), distinct, both single tokens at the start of the assistant turn."""
-    c = resolve_token(tokenizer, prompts, cfg.comply, "comply")
+def resolve_pair(tokenizer, prompts: list[str], cfg: ProxyConfig) -> tuple[int | None, int]:
+    """(comply id or None for the refusal-only proxy, refuse id), distinct, single tokens at the start of
+    the assistant turn."""
+    c = resolve_token(tokenizer, prompts, cfg.comply, "comply") if cfg.comply is not None else None
     r = resolve_token(tokenizer, prompts, cfg.refuse, "refuse")
     if c == r:
         raise ProxyError(f"proxy.comply {cfg.comply!r} and proxy.refuse {cfg.refuse!r} resolve to the same token")
@@ -113,8 +115,11 @@ def first_token_gradient(model, params: dict[str, torch.nn.Parameter], prefixes:
 
 
 def reference_direction(model, params: dict[str, torch.nn.Parameter], prefixes: list[list[int]],
-                        comply_id: int, refuse_id: int, pad: int, device: torch.device,
+                        comply_id: int | None, refuse_id: int, pad: int, device: torch.device,
                         batch_size: int = 8) -> tuple[dict[str, torch.Tensor], float]:
-    """(v, S(θ₀)): v = ∇S over `params`, S = mean logit(comply) − logit(refuse) at the first assistant token."""
+    """(v, S(θ₀)): v = ∇S over `params`, S = mean logit(comply) − logit(refuse) at the first assistant token
+    (−logit(refuse) when comply_id is None)."""
+    if comply_id is None:
+        return first_token_gradient(model, params, prefixes, lambda lg: -lg[:, refuse_id], pad, device, batch_size)
     return first_token_gradient(model, params, prefixes, lambda lg: lg[:, comply_id] - lg[:, refuse_id], pad,
                                 device, batch_size)

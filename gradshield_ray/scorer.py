@@ -153,7 +153,7 @@ class FIHSScorer:
 
     # ---------------------------------------------------------------- verification
     def _verification_rows(self, prompts: list[str]) -> list[Encoded]:
-        reply = f"{self.cfg.proxy.comply}, {self.cfg.proxy.refuse} will answer that."
+        reply = f"{self.cfg.proxy.comply or 'Well'}, {self.cfg.proxy.refuse} will answer that."
         return [encode_messages(self.tokenizer, [{"role": "user", "content": p},
                                                  {"role": "assistant", "content": reply}],
                                 self.cfg.data.max_tokens, "right") for p in prompts]

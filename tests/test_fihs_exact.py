@@ -15,10 +15,13 @@ SCOPES = ["all", "no_embed", "mlp", "attn", "last:1", "layers:0-0", "lora", "reg
 
 def make_scorer(model_dir: str, **score) -> FIHSScorer:
     """The exactness tests score every answer token (answer_tokens=None) unless told otherwise: the longer
-    the loss span, the more of each method's machinery the comparison exercises."""
+    the loss span, the more of each method's machinery the comparison exercises. They were written for the
+    comply−refuse proxy and a raw dot product (the defaults before session 6), and pin both; the refusal-only
+    proxy's v is checked against autograd in test_proxy.py, and every method contracts any v alike."""
     score.setdefault("answer_tokens", None)
+    score.setdefault("normalize", "dot")
     cfg = GradShieldConfig.model_validate({"model": {"path": model_dir}, "score": score,
-                                           "proxy": {"max_probes": 6}})
+                                           "proxy": {"max_probes": 6, "comply": "Sure"}})
     return FIHSScorer(cfg)
 
 
@@ -204,9 +207,10 @@ def test_micro_batches_respect_budget_and_padding():
 def test_bfloat16_model_scores_close_to_fp32(tiny_model_dir, sample_rows):
     """bf16 runs the GEMMs in bf16 and the dot products in fp32/fp64: close to the fp32 scores, and the
     start-up verification passes with its bf16 tolerance."""
-    cfg32 = GradShieldConfig.model_validate({"model": {"path": tiny_model_dir}, "proxy": {"max_probes": 6}})
+    cfg32 = GradShieldConfig.model_validate({"model": {"path": tiny_model_dir},
+                                             "proxy": {"max_probes": 6, "comply": "Sure"}})
     cfg16 = GradShieldConfig.model_validate({"model": {"path": tiny_model_dir, "dtype": "bfloat16"},
-                                             "proxy": {"max_probes": 6}})
+                                             "proxy": {"max_probes": 6, "comply": "Sure"}})
     s32, s16 = FIHSScorer(cfg32), FIHSScorer(cfg16)
     e32, e16 = encode_all(s32, sample_rows), encode_all(s16, sample_rows)
     a, b = s32.score_encoded(e32, "hooks"), s16.score_encoded(e16, "hooks")

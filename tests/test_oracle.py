@@ -212,7 +212,7 @@ def oracles(arch, sample_rows):
 
 def product(path: str, scope: str, k: int | None, normalize: str) -> FIHSScorer:
     cfg = GradShieldConfig.model_validate({
-        "model": {"path": path}, "proxy": {"max_probes": N_PROBES},
+        "model": {"path": path}, "proxy": {"max_probes": N_PROBES, "comply": "Sure"},  # the oracle's S
         "score": {"scope": scope, "answer_tokens": k, "normalize": normalize, "verify_rows": 0,
                   "max_batch_size": 4}})
     return FIHSScorer(cfg)

@@ -47,8 +47,10 @@ def test_tokens_resolved_in_context(tok):
 
 def test_sign_comply_scores_above_refusal(tiny_model_dir):
     """Training on the probe's own "Sure" completion raises S (positive FIHS); training on the refusal
-    lowers it. Checked for several probe prompts and both the hooks method and brute force."""
-    cfg = GradShieldConfig.model_validate({"model": {"path": tiny_model_dir}, "proxy": {"max_probes": 4}})
+    lowers it. Checked for several probe prompts and both the hooks method and brute force. The
+    comply−refuse proxy (proxy.comply "Sure"; the default refusal-only proxy: test_refusal_only_proxy)."""
+    cfg = GradShieldConfig.model_validate({"model": {"path": tiny_model_dir},
+                                           "proxy": {"max_probes": 4, "comply": "Sure"}})
     scorer = FIHSScorer(cfg)
     probes = load_probes(cfg.proxy)[:4]
     for method in ("hooks", "brute"):
@@ -74,8 +76,9 @@ def test_swapped_direction_and_continuation_proxy(tiny_model_dir, proxy_variants
     continuation proxy must reduce to the product's first-token logit margin for one-token strings (the
     softmax normaliser cancels), and a swapped v must score exactly like it: 2·v gives 2·FIHS."""
     pv = proxy_variants
-    cfg = GradShieldConfig.model_validate({"model": {"path": tiny_model_dir}, "proxy": {"max_probes": 4},
-                                           "score": {"answer_tokens": None}})
+    cfg = GradShieldConfig.model_validate({"model": {"path": tiny_model_dir},
+                                           "proxy": {"max_probes": 4, "comply": "Sure"},
+                                           "score": {"answer_tokens": None, "normalize": "dot"}})  # 2·v → 2·FIHS
     scorer = FIHSScorer(cfg)
     probes = load_probes(cfg.proxy)
     v = pv.continuation_direction(scorer, probes, "Sure", "I")
@@ -91,3 +94,39 @@ def test_swapped_direction_and_continuation_proxy(tiny_model_dir, proxy_variants
     assert any(not torch.allclose(longer[n], v[n]) for n in v)  # more tokens: another direction
     with pytest.raises(ValueError, match="exactly the scorer's scope"):
         scorer.set_direction({n: t for n, t in list(v.items())[1:]})
+
+
+def test_refusal_only_proxy(tiny_model_dir):
+    """proxy.comply: null gives S = −logit(refuse): v equals a brute-force autograd gradient of that mean over
+    the probes (on every parameter), and training on the refusal lowers S (negative FIHS)."""
+    from gradshield_ray.proxy import probe_prefixes
+
+    cfg = GradShieldConfig.model_validate({"model": {"path": tiny_model_dir},
+                                           "proxy": {"max_probes": 3, "comply": None}})
+    scorer = FIHSScorer(cfg)
+    assert scorer.comply_id is None
+    probes = load_probes(cfg.proxy)
+    names = list(scorer.params)
+    plist = [scorer.params[n] for n in names]
+    for p in plist:
+        p.requires_grad_(True)
+    s = 0
+    for ids in probe_prefixes(scorer.tokenizer, probes):
+        logits = scorer.model(input_ids=torch.tensor([ids])).logits[0, -1]
+        s = s - logits[scorer.refuse_id] / len(probes)
+    grads = torch.autograd.grad(s, plist, allow_unused=True)
+    for p in plist:
+        p.requires_grad_(False)
+    for n, g in zip(names, grads):
+        ref = torch.zeros_like(scorer.v[n]) if g is None else g
+        assert torch.allclose(scorer.v[n], ref.float(), rtol=1e-4, atol=1e-6), n
+    assert scorer.s0 == pytest.approx(float(s.detach()), rel=1e-5)
+    refuse = [encode_messages(scorer.tokenizer, [{"role": "user", "content": p},
+                                                 {"role": "assistant", "content": "I"}], 512, "right")
+              for p in probes]
+    for method in ("hooks", "brute"):
+        assert np.all(scorer.score_encoded(refuse, method) < 0), method
+    # the product proxy on the same probes is another direction
+    both = FIHSScorer(GradShieldConfig.model_validate({"model": {"path": tiny_model_dir},
+                                                      "proxy": {"max_probes": 3, "comply": "Sure"}}))
+    assert any(not torch.allclose(both.v[n], scorer.v[n]) for n in names)

@@ -16,7 +16,7 @@ import pytest
 
 from benchmarks import efficacy_realistic as ER
 from benchmarks import threshold as TS
-from gradshield_ray.config import ScoreConfig
+from gradshield_ray.config import ProxyConfig, ScoreConfig
 from gradshield_ray.threshold import ThresholdConfig
 
 CHOICES = Path(__file__).parents[1] / "benchmarks" / "data" / "dev_choices.json"
@@ -75,9 +75,13 @@ def test_defaults_are_the_dev_choices():
     rec = json.loads(CHOICES.read_text())
     assert ThresholdConfig().canary_min_position == rec["threshold"]["canary_min_position"]
     assert ThresholdConfig().canaries == rec["threshold"]["canaries"]
-    sc = ScoreConfig()
+    sc, px = ScoreConfig(), ProxyConfig()
     for key, value in rec["score"].items():
         assert getattr(sc, key) == value, key
+    for key, value in rec["proxy"].items():
+        assert getattr(px, key) == value, key
+    # the benchmark names the defaults as the variant it measured
+    assert ER.default_variant() == ("refusal_only", "all", "cosine", "1")
 
 
 @pytest.fixture(scope="module")
