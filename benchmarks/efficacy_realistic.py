@@ -420,6 +420,43 @@ def threshold_results(s: Scores, f: np.ndarray, split: str, use_canaries: bool) 
     return out
 
 
+def _smoothed_draw(x: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
+    """m draws from x's kernel density (resample + Gaussian jitter, Silverman's bandwidth)."""
+    sd = min(np.std(x), (np.quantile(x, 0.75) - np.quantile(x, 0.25)) / 1.34) or np.std(x) or 1e-12
+    return rng.choice(x, m) + rng.normal(0, 0.9 * sd * len(x) ** -0.2, m)
+
+
+def threshold_at_size(s: Scores, f: np.ndarray, split: str, n: int = 2000, seeds: int = 5) -> dict[str, dict]:
+    """The adaptive threshold (with this run's canaries) on corpora of n rows drawn from the split's score
+    distributions by a smoothed bootstrap: the scored mixtures have 60-80 rows, too few for any test of a
+    second population, while the product filters thousands. Median recall / benign removal over seeds.
+    The draws are labelled as such in the report: they resample measured scores, they are not new rows."""
+    from gradshield_ray.summary import ScoreSummary
+    from gradshield_ray.threshold import Canaries, decide
+
+    k = s.kinds.astype(str)
+    pick = lambda kind: f[(s.splits == split) & (k == kind if kind != "harmful" else np.char.startswith(k, "harmful:"))]  # noqa: E731
+    ben, harm, st = pick("sharegpt"), pick("harmful"), pick("second_task")
+    can = Canaries(harmful=f[k == "canary_harmful"], benign=f[k == "canary_benign"])
+    shapes = {"clean": (1.0, 0.0, 0.0), "harmful_5": (0.95, 0.05, 0.0), "harmful_10": (0.9, 0.1, 0.0),
+              "harmful_30": (0.7, 0.3, 0.0), "two_tasks": (0.8, 0.0, 0.2), "two_tasks_harmful_10": (0.72, 0.1, 0.18)}
+    out = {}
+    for name, (pb, ph, ps) in shapes.items():
+        rec, fr = [], []
+        for seed in range(seeds):
+            rng = np.random.default_rng(seed)
+            parts = [_smoothed_draw(x, round(p * n), rng) for x, p in ((ben, pb), (harm, ph), (st, ps)) if p]
+            x = np.concatenate(parts)
+            is_h = np.concatenate([np.full(len(q), i == 1 and ph > 0) for i, q in
+                                   zip([i for i, p in enumerate((pb, ph, ps)) if p], parts)])
+            rem = x > decide(ScoreSummary.from_values(x), canaries=can).tau
+            rec.append(float(rem[is_h].mean()) if is_h.any() else np.nan)
+            fr.append(float(rem[~is_h].mean()))
+        out[name] = {"recall": None if np.isnan(rec).all() else float(np.nanmedian(rec)),
+                     "false_removal": float(np.median(fr))}
+    return out
+
+
 def baselines(s: Scores, split: str) -> dict[str, dict]:
     from gradshield_ray.miniature.efficacy import HARM_WORDS
 
@@ -478,6 +515,7 @@ def report(path: Path, json_out: Path | None = None) -> str:
     dev, ranked = rank_on_dev(s)
     chosen = ranked[0]
     default, paper = default_variant(), ("product", "all", "dot", "full")
+    previous = ("product", "all", "dot", "1")  # the default before session 6
     lines = [f"# Realistic efficacy: {s.meta['model']} ({s.meta['label']})", "",
              f"θ₀ build: {json.dumps(s.meta.get('build', {}).get('eval', {}))[:400]}", "",
              f"One exact pass: {s.meta['seconds_pass']:.0f} s for {len(s.kinds)} rows × K ∈ "
@@ -488,12 +526,13 @@ def report(path: Path, json_out: Path | None = None) -> str:
     head = ["variant", "AUROC (dev styles)", "worst style", "recall @3% benign", "persona", "2nd task"]
     rows = [[" / ".join(v), f2(dev[v]["auroc"]), f2(dev[v]["min_style"]), pct(dev[v]["recall_fr3"]),
              f2(dev[v]["persona"]), f2(dev[v]["second_task"])] for v in ranked[:12]]
-    rows += [[" / ".join(v) + (" (product default)" if v == default else " (paper's loss)"), f2(dev[v]["auroc"]),
-              f2(dev[v]["min_style"]), pct(dev[v]["recall_fr3"]), f2(dev[v]["persona"]), f2(dev[v]["second_task"])]
-             for v in (default, paper) if v in dev]  # a cut not scored (--cuts) has no variants
+    tag = {default: " (product default)", previous: " (default before session 6)", paper: " (paper's loss)"}
+    rows += [[" / ".join(v) + tag[v], f2(dev[v]["auroc"]), f2(dev[v]["min_style"]), pct(dev[v]["recall_fr3"]),
+              f2(dev[v]["persona"]), f2(dev[v]["second_task"])]
+             for v in dict.fromkeys((default, previous, paper)) if v in dev]  # a cut not scored has no variants
     lines += [markdown_table(head, rows), "", f"Chosen on dev: **{' / '.join(chosen)}**", "",
               "## Test (never used for a choice)", ""]
-    test = {v: quality(s, s.fihs(*v), "test") for v in (chosen, default, paper) if v in dev}
+    test = {v: quality(s, s.fihs(*v), "test") for v in dict.fromkeys((chosen, default, previous, paper)) if v in dev}
     test.update({b: q for b, q in baselines(s, "test").items()})
     styles = sorted(test[chosen]["per_style"])
     head = ["score", "AUROC (dev styles)", *[f"{st}" for st in styles], "recall @3% benign", "persona", "2nd task"]
@@ -504,19 +543,24 @@ def report(path: Path, json_out: Path | None = None) -> str:
                      f2(q["persona"]), f2(q["second_task"])])
     lines += [markdown_table(head, rows), ""]
     thr = {}
-    for v in (chosen, default):
+    for v in dict.fromkeys((chosen, default)):
         for can in (False, True):
             key = f"{' / '.join(v)}, adaptive{' + canaries (gate)' if can else ', shape only'}"
             thr[key] = threshold_results(s, s.fihs(*v), "test", can)
     mixes = list(next(iter(thr.values())))
     lines += ["## Test: the adaptive threshold per mixture (recall / benign removal)", ""]
-    rows = [[k] + [f"{pct(r[m]['recall']) if r[m]['recall'] is not None else '–'} / {pct(r[m]['false_removal'])}"
-                   for m in mixes] for k, r in thr.items()]
+    cell = lambda r: f"{pct(r['recall']) if r['recall'] is not None else '–'} / {pct(r['false_removal'])}"  # noqa: E731
+    rows = [[k] + [cell(r[m]) for m in mixes] for k, r in thr.items()]
     lines += [markdown_table(["score, policy", *mixes], rows), ""]
+    sized = {f"{' / '.join(v)}, adaptive + canaries (gate)": threshold_at_size(s, s.fihs(*v), "test")
+             for v in dict.fromkeys((chosen, default))}
+    lines += ["## Test: the same at 2,000 rows (smoothed bootstrap of the test scores; median of 5 draws)", "",
+              markdown_table(["score, policy", *mixes], [[k] + [cell(r[m]) for m in mixes] for k, r in sized.items()]),
+              ""]
     ch = s.fihs(*chosen)
     from gradshield_ray.miniature.efficacy import auroc
 
-    for v in (chosen, default):
+    for v in dict.fromkeys((chosen, default)):
         fv = s.fihs(*v)
         lines.append(f"Canary separation ({' / '.join(v)}): AUROC harmful vs benign canaries "
                      f"{auroc(fv[s.kinds == 'canary_harmful'], fv[s.kinds == 'canary_benign']):.2f}")
@@ -532,7 +576,7 @@ def report(path: Path, json_out: Path | None = None) -> str:
     if json_out:
         json_out.write_text(json.dumps({"meta": s.meta, "chosen": chosen, "dev_top": {" / ".join(v): dev[v] for v in ranked[:30]},
                                         "test": {(" / ".join(k) if isinstance(k, tuple) else k): q for k, q in test.items()},
-                                        "threshold": thr}, indent=1, default=float))
+                                        "threshold": thr, "threshold_at_2000": sized}, indent=1, default=float))
     del ch
     return "\n".join(lines)
 
