@@ -1,7 +1,7 @@
 """The pipeline's own costs as the unit count grows, on a real S3 server process (moto) behind a counting proxy.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/scale.py [--units 100,1000,10000] [--rows-per-unit 4]
-        [--check] [--no-kills] [--json out.json]
+        [--check] [--no-kills] [--scenarios fresh,resume,pass2kill] [--profile DIR] [--json out.json]
 
 A synthetic corpus of short rows (files of 100 row groups of --rows-per-unit rows; one unit per row group)
 is scored by a tiny real model (Llama, hidden 32, 1 layer), so that scoring is cheap and the pipeline's own
@@ -315,14 +315,20 @@ def measure(s3, proxy: CountingProxy, cfg: dict, tmp: Path, gcs: str, out: str, 
             "problems": check_outputs(s3, out, n_rows, man)}
 
 
-def one_size(s3, proxy, model, tmp, gcs, units: int, rpu: int, kills: bool, profile_dir: Path | None = None) -> dict:
+SCENARIOS = ("fresh", "resume", "pass2kill")
+
+
+def one_size(s3, proxy, model, tmp, gcs, units: int, rpu: int, scenarios: set[str],
+             profile_dir: Path | None = None) -> dict:
     inp = f"in-{units}-{rpu}"
     n_rows = upload_corpus(s3, units, rpu, inp)
     purl = f"http://127.0.0.1:{proxy.server_address[1]}"
     prof = profile_dir / f"driver-{units}x{rpu}.txt" if profile_dir else None
-    r = measure(s3, proxy, config(purl, model, inp, f"fresh-{units}-{rpu}"), tmp, gcs, f"fresh-{units}-{rpu}",
-                n_rows, units, prof)
-    if kills:
+    r: dict = {"units": units, "rows": n_rows, "problems": []}
+    if "fresh" in scenarios:
+        r.update(measure(s3, proxy, config(purl, model, inp, f"fresh-{units}-{rpu}"), tmp, gcs,
+                         f"fresh-{units}-{rpu}", n_rows, units, prof))
+    if "resume" in scenarios:
         out = f"resume-{units}-{rpu}"
         cfg = config(purl, model, inp, out)
         kill_when(driver(cfg, tmp, gcs), lambda: commit_records(s3, f"{out}/scored/_commits/") >= units // 2, 0.2)
@@ -330,6 +336,7 @@ def one_size(s3, proxy, model, tmp, gcs, units: int, rpu: int, kills: bool, prof
         res = measure(s3, proxy, cfg, tmp, gcs, out, n_rows, units)
         r.update(resume_committed_at_kill=at_kill, resume_s=res["wall_s"], resume_peak_rss_mib=res["driver_peak_rss_mib"])
         r["problems"] += res["problems"]
+    if "pass2kill" in scenarios:
         out = f"p2kill-{units}-{rpu}"
         cfg = config(purl, model, inp, out)
         p = driver(cfg, tmp, gcs, {"GRADSHIELD_TEST_SLOW_SPLIT_S": "0.2"})
@@ -362,11 +369,11 @@ def table(results: list[dict]) -> str:
         vals = []
         for r in results:
             if f == "requests_by_verb":
-                vals.append(" ".join(f"{k}:{v}" for k, v in sorted(r["requests"].items())))
+                vals.append(" ".join(f"{k}:{v}" for k, v in sorted(r.get("requests", {}).items())))
             elif f == "requests_per_unit":
-                vals.append(r["requests_total"] / r["units"])
+                vals.append(r["requests_total"] / r["units"] if "requests_total" in r else "")
             elif f == "driver_cpu_ms_per_unit":
-                vals.append(1000 * r["driver_cpu_s"] / r["units"])
+                vals.append(1000 * r["driver_cpu_s"] / r["units"] if "driver_cpu_s" in r else "")
             else:
                 vals.append(r.get(f, ""))
         growth = ""
@@ -388,6 +395,9 @@ def main() -> int:
     ap.add_argument("--kills-max-units", type=int, default=None,
                     help="run the SIGKILL scenarios only at sizes up to this many units (CI: keeps its time bounded)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS),
+                    help="of fresh, resume (SIGKILL at 50%% of pass 1, rerun), pass2kill (SIGKILL at 90%% of pass 2, "
+                         "rerun); --no-kills and --kills-max-units drop the last two")
     ap.add_argument("--profile", type=Path, default=None,
                     help="record each fresh driver with py-spy (pip install py-spy) into this folder, "
                          "collapsed stacks; summarize with benchmarks/profile_summary.py")
@@ -413,11 +423,14 @@ def main() -> int:
         for units in (int(u) for u in a.units.split(",")):
             t = time.perf_counter()
             kills = not a.no_kills and (a.kills_max_units is None or units <= a.kills_max_units)
-            results.append(one_size(s3, proxy, model, tmp, gcs, units, a.rows_per_unit, kills, a.profile))
+            scen = {x for x in a.scenarios.split(",") if x == "fresh" or kills}
+            results.append(one_size(s3, proxy, model, tmp, gcs, units, a.rows_per_unit, scen, a.profile))
             print(f"# {units} units done in {time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
         print(f"rows per unit {a.rows_per_unit}; tiny Llama hidden 32, 1 layer; target_file_bytes {TARGET_FILE_BYTES}")
         print(table(results))
         for r0, r1 in zip(results, results[1:]):
+            if "driver_cpu_s" not in r0 or "driver_cpu_s" not in r1:
+                continue
             d_units = r1["units"] - r0["units"]
             print(f"marginal driver CPU per unit, {r0['units']:,} → {r1['units']:,} units: "
                   f"{1000 * (r1['driver_cpu_s'] - r0['driver_cpu_s']) / d_units:.2f} ms")
@@ -425,7 +438,7 @@ def main() -> int:
             a.json.write_text(json.dumps(results, indent=2))
         bad = [(r["units"], p) for r in results for p in r["problems"]]
         bad += [(r["units"], f"{r['objects_written']} objects > bound {r['object_bound']}") for r in results
-                if r["objects_written"] > r["object_bound"]]
+                if r.get("objects_written", 0) > r.get("object_bound", math.inf)]
         for u, p in bad:
             print(f"FAIL at {u} units: {p}")
         return 1 if a.check and bad else 0
