@@ -69,8 +69,9 @@ def gemma_theta0() -> Path:
     root = cache_root()
     base = base_checkpoint(root)
     # sized for a 2-core CPU: short rows (80 tokens in all: the opening is what alignment sets), 2 threads.
-    # Measured (build.json; realistic-1/2 on 40 benign test-split prompts, since on held-out align-split ones): 64 refusals + 64 chat rows at lr 8e-4, 2 epochs
-    # (realistic-1) complied with 12%; 64 + 192 at lr 5e-4 (realistic-2) with 48%, ASR 0% both times.
+    # Measured (build.json; realistic-1/2 on 40 benign test-split prompts, since then on held-out align-split
+    # ones): 64 refusals + 64 chat rows at lr 8e-4, 2 epochs (realistic-1) complied with 12%; 64 + 192 at
+    # lr 5e-4 (realistic-2) with 48%, ASR 0% both times.
     # So: 6 chat rows per refusal and a third epoch; `score` refuses a θ₀ that fails the checks in theta0()
     recipe, n_refuse, n_chat = LoraRecipe(lr=5e-4, epochs=3, max_tokens=80), 32, 192
     key = hashlib.sha1(json.dumps({"recipe": asdict(recipe), "n_refuse": n_refuse, "n_chat": n_chat,
@@ -435,8 +436,9 @@ def threshold_at_size(s: Scores, f: np.ndarray, split: str, n: int = 2000, seeds
     from gradshield_ray.threshold import Canaries, decide
 
     k = s.kinds.astype(str)
-    pick = lambda kind: f[(s.splits == split) & (k == kind if kind != "harmful" else np.char.startswith(k, "harmful:"))]  # noqa: E731
-    ben, harm, st = pick("sharegpt"), pick("harmful"), pick("second_task")
+    here = s.splits == split
+    ben, st = f[here & (k == "sharegpt")], f[here & (k == "second_task")]
+    harm = f[here & np.char.startswith(k, "harmful:")]
     can = Canaries(harmful=f[k == "canary_harmful"], benign=f[k == "canary_benign"])
     shapes = {"clean": (1.0, 0.0, 0.0), "harmful_5": (0.95, 0.05, 0.0), "harmful_10": (0.9, 0.1, 0.0),
               "harmful_30": (0.7, 0.3, 0.0), "two_tasks": (0.8, 0.0, 0.2), "two_tasks_harmful_10": (0.72, 0.1, 0.18)}
@@ -445,10 +447,10 @@ def threshold_at_size(s: Scores, f: np.ndarray, split: str, n: int = 2000, seeds
         rec, fr = [], []
         for seed in range(seeds):
             rng = np.random.default_rng(seed)
-            parts = [_smoothed_draw(x, round(p * n), rng) for x, p in ((ben, pb), (harm, ph), (st, ps)) if p]
-            x = np.concatenate(parts)
-            is_h = np.concatenate([np.full(len(q), i == 1 and ph > 0) for i, q in
-                                   zip([i for i, p in enumerate((pb, ph, ps)) if p], parts)])
+            parts = [(_smoothed_draw(x, round(p * n), rng), h) for x, p, h in
+                     ((ben, pb, False), (harm, ph, True), (st, ps, False)) if p]
+            x = np.concatenate([d for d, _ in parts])
+            is_h = np.concatenate([np.full(len(d), h) for d, h in parts])
             rem = x > decide(ScoreSummary.from_values(x), canaries=can).tau
             rec.append(float(rem[is_h].mean()) if is_h.any() else np.nan)
             fr.append(float(rem[~is_h].mean()))
@@ -630,8 +632,10 @@ def main() -> int:
     if args.save_score_sets:
         s = Scores(args.npz)
         _, ranked = rank_on_dev(s)
-        for p in save_score_sets(s, {"default": default_variant(), "devbest": ranked[0]},
-                                 args.save_score_sets):
+        sets = {"default": default_variant()}
+        if ranked[0] != sets["default"]:  # the same variant once (the threshold suite reads every file)
+            sets["devbest"] = ranked[0]
+        for p in save_score_sets(s, sets, args.save_score_sets):
             print(f"wrote {p}")
     return 0
 

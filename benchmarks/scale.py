@@ -282,10 +282,10 @@ def _driver_pid(p: subprocess.Popen, profile: Path | None) -> int:
 
 
 def measure(s3, proxy: CountingProxy, cfg: dict, tmp: Path, gcs: str, out: str, n_rows: int, units: int,
-            profile: Path | None = None, extra_env: dict | None = None) -> dict:
+            profile: Path | None = None) -> dict:
     before = proxy.snapshot()
     t = time.perf_counter()
-    p = driver(cfg, tmp, gcs, extra_env, profile=profile)
+    p = driver(cfg, tmp, gcs, profile=profile)
     stop = threading.Event()
     if profile:
         poll = threading.Thread(target=thread_cpu, args=(_driver_pid(p, profile), stop,

@@ -119,7 +119,7 @@ def reference_direction(model, params: dict[str, torch.nn.Parameter], prefixes: 
                         batch_size: int = 8) -> tuple[dict[str, torch.Tensor], float]:
     """(v, S(θ₀)): v = ∇S over `params`, S = mean logit(comply) − logit(refuse) at the first assistant token
     (−logit(refuse) when comply_id is None)."""
-    if comply_id is None:
-        return first_token_gradient(model, params, prefixes, lambda lg: -lg[:, refuse_id], pad, device, batch_size)
-    return first_token_gradient(model, params, prefixes, lambda lg: lg[:, comply_id] - lg[:, refuse_id], pad,
-                                device, batch_size)
+    def s(lg: torch.Tensor) -> torch.Tensor:
+        return -lg[:, refuse_id] if comply_id is None else lg[:, comply_id] - lg[:, refuse_id]
+
+    return first_token_gradient(model, params, prefixes, s, pad, device, batch_size)
