@@ -165,6 +165,7 @@ def summarize(res: dict[str, dict], split: str) -> list[str]:
 
 
 POSITIONS = (0.5, 0.6, 0.7, 0.8, 0.9)  # the grid for ThresholdConfig.canary_min_position
+COMPONENTS = (2, 3)  # the grid for ThresholdConfig.canary_components
 
 
 def counts(res: dict[str, dict], split: str, pol: str = "with_canaries") -> tuple[int, int]:
@@ -176,11 +177,17 @@ def counts(res: dict[str, dict], split: str, pol: str = "with_canaries") -> tupl
 
 
 def tune_on_dev(sets: list[ScoreSet]) -> dict[str, float]:
-    """canary_min_position from POSITIONS, chosen on the dev shapes only: most benign-only shapes kept clean, then
-    most far clusters found (tests/test_realistic.py checks that test shapes do not move the choice)."""
+    """canary_components × canary_min_position from COMPONENTS × POSITIONS, chosen on the dev shapes only: most
+    benign-only shapes kept clean, then most far clusters found, then the simpler model and the smaller position
+    (tests/test_realistic.py checks that test shapes do not move the choice)."""
     dev = [ss for ss in sets if ss.split == "dev"]
-    best = max(POSITIONS, key=lambda p: (counts(run(dev, ThresholdConfig(canary_min_position=p)), "dev"), -p))
-    return {"canary_min_position": best}
+
+    def key(kp: tuple[int, float]) -> tuple:
+        cfg = ThresholdConfig(canary_components=kp[0], canary_min_position=kp[1])
+        return (counts(run(dev, cfg), "dev"), -kp[0], -kp[1])
+
+    k, p = max(((k, p) for k in COMPONENTS for p in POSITIONS), key=key)
+    return {"canary_components": k, "canary_min_position": p}
 
 
 def main() -> int:
@@ -188,7 +195,7 @@ def main() -> int:
     ap.add_argument("--split", choices=("dev", "test", "all"), default="test")
     ap.add_argument("--max-n", type=int, default=1_000_000)
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--tune", action="store_true", help="choose canary_min_position on the dev shapes and print it")
+    ap.add_argument("--tune", action="store_true", help="choose canary_components and canary_min_position on the dev shapes and print them")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="threshold config overrides (dev exploration), e.g. --set canary_min_position=0.4")
     args = ap.parse_args()

@@ -64,15 +64,26 @@ def explain(decision) -> list[str]:
         out.append("Every scored row is kept (threshold.policy = keep_all).")
     elif ev.get("branch") == "harmful_population":
         comps, sep = ev.get("components") or [{}, {}], ev.get("separation") or {}
-        hi = comps[1] if len(comps) > 1 else {}
+        k, h = len(comps), ev.get("harmful_components", 1)
+        high = comps[k - h:]
+        words = {2: "two", 3: "three"}
         out.append("The scores hold a separate high-scoring minority, so rows above the point where it becomes "
                    "the more likely population are removed (τ is where its posterior is 0.5).")
-        out.append(f"A two-component mixture fits better than one Gaussian by Λ = {ev.get('Lambda', 0):.4g} "
-                   f"({ev.get('Lambda_per_row', 0):.3g} per row); the high component holds "
-                   f"{100 * hi.get('weight', 0):.2f}% of rows around FIHS {hi.get('mu_raw', float('nan')):.4g}.")
-        out.append(f"The components are separated (Ashman D = {sep.get('ashman_d', float('nan')):.3g}) and the "
-                   f"score density dips before the high one (density ratio {sep.get('dip_ratio', float('nan')):.3g}, "
-                   f"p = {sep.get('dip_p_value', float('nan')):.3g}, {sep.get('dip_test', '?')} test).")
+        out.append(f"A {words.get(k, k)}-component mixture fits better than one with a component fewer by "
+                   f"Λ = {ev.get('Lambda', 0):.4g} ({ev.get('Lambda_per_row', 0):.3g} per row); the harmful "
+                   f"population ({'the top component' if h == 1 else f'the top {h} components'}) holds "
+                   f"{100 * sum(c.get('weight', 0) for c in high):.2f}% of rows from FIHS "
+                   f"{high[0].get('mu_raw', float('nan')) if high else float('nan'):.4g} up.")
+        if ev.get("canaries"):
+            out.append(f"The components are separated (Ashman D = {sep.get('ashman_d', float('nan')):.3g}) and the "
+                       "harmful one sits with the harmful calibration canaries, with at most "
+                       f"{100 * ev.get('config', {}).get('canary_max_benign_above', 0.1):.0f}% of the benign "
+                       "canaries above τ.")
+        else:
+            out.append(f"The components are separated (Ashman D = {sep.get('ashman_d', float('nan')):.3g}) and the "
+                       f"score density dips before the high one (density ratio "
+                       f"{sep.get('dip_ratio', float('nan')):.3g}, p = {sep.get('dip_p_value', float('nan')):.3g}, "
+                       f"{sep.get('dip_test', '?')} test).")
     else:
         reason = ev.get("reason", "")
         out.append("No separate high-scoring population was found, so only the far tail is removed: rows above "

@@ -43,8 +43,20 @@ synthetic shapes only, see ``tests/test_threshold.py``):
       synthetic ones found, 86 now); the fit-space gap test has that power.
    The highest-likelihood passing GMM wins, so a spike + tail + cluster corpus
    (whose best 2-GMM splits spike vs rest) still finds the cluster.
+3'. With calibration canaries (``canaries: gate``) checks (a: effect size)
+   and (d) are replaced by: the score separates the canaries (AUROC), the
+   harmful population's mean sits at least ``canary_min_position`` of the way
+   from the benign to the harmful canaries (fit space), and at most
+   ``canary_max_benign_above`` of the benign canaries lie above ``tau``.
+   3-component GMMs are fitted too (``canary_components = 3``; Λ against the
+   best 2-GMM), and the harmful population may be the top one or the top two
+   components.  Why: a heavy-tailed benign bulk takes both components of a
+   2-GMM (core + tail) and leaves none to a harmful cluster a few σ out (issue
+   13: Gemma realistic data, t3 / lognormal / spike + exponential bulks).
+   Candidates of different K are compared by BIC.  Only with canaries: the
+   shape alone cannot say which component is harm.
 4. Harmful population: ``tau`` = the point between the component means where
-   the high component's posterior is 0.5 (``brentq`` in ``y``; posteriors are
+   the harmful component(s)' posterior is 0.5 (``brentq`` in ``y``; posteriors are
    invariant under the monotone map), mapped back to raw scores.
 5. Otherwise only the far tail goes: ``tau = max(median + k*1.4826*MAD,
    mean + k*std)`` with ``k = 5``.  The MAD bound alone removed ~20 % of a
@@ -63,6 +75,7 @@ a minority; harmful rows that do not form their own bump are not found.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -120,6 +133,10 @@ class ThresholdConfig(BaseModel):
     canary_max_benign_above: float = Field(
         default=0.1, ge=0, le=1, description="with canaries: at most this share of the benign canaries may lie "
                                              "above tau (a cut through benign rows is no harm boundary)")
+    canary_components: Literal[2, 3] = Field(
+        default=3, description="with canaries (gate): fit mixtures of up to this many components; the top one is "
+                               "the harm candidate. 3 lets a heavy-tailed benign bulk take two components and a "
+                               "harmful cluster a few σ out its own (issue 13, Gemma realistic data)")
     init_quantiles: tuple[Annotated[float, Field(gt=0, lt=1)], ...] = Field(
         default=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98), min_length=1,
         description="deterministic EM starts: split the data at these quantiles",
@@ -253,11 +270,11 @@ def _weighted_quantile(x: np.ndarray, w: np.ndarray, q: float | np.ndarray) -> n
 
 @dataclass
 class _Gmm:
-    weight: np.ndarray  # (2,), component 0 = low mean, 1 = high mean
+    weight: np.ndarray  # (K,), sorted by mean: component -1 = the highest mean (the harm candidate)
     mu: np.ndarray
     var: np.ndarray
     ll: float
-    init_q: float
+    init_q: tuple[float, ...]
 
 
 def _component_logp(y: np.ndarray, bv: np.ndarray, wt: np.ndarray, mu: np.ndarray, var: np.ndarray) -> np.ndarray:
@@ -266,15 +283,18 @@ def _component_logp(y: np.ndarray, bv: np.ndarray, wt: np.ndarray, mu: np.ndarra
                       - bv[None, :] / (2 * var[:, None]))
 
 
-def _em2(y: np.ndarray, w: np.ndarray, bv: np.ndarray, split: float, var_floor: float,
-         max_iter: int, tol: float, init_q: float) -> _Gmm | None:
-    """2-component EM on weighted bin centres, started from a split at ``split``."""
-    low = y <= split
-    if low.all() or not low.any():
+def _em(y: np.ndarray, w: np.ndarray, bv: np.ndarray, splits: np.ndarray, var_floor: float,
+        max_iter: int, tol: float, init_q: tuple[float, ...]) -> _Gmm | None:
+    """K-component EM (K = len(splits) + 1) on weighted bin centres, started from the groups that the sorted
+    ``splits`` cut the data into."""
+    group = np.searchsorted(np.sort(splits), y, side="left")
+    k = len(splits) + 1
+    if len(np.unique(group)) < k:
         return None
     total = w.sum()
-    wt, mu, var = np.empty(2), np.empty(2), np.empty(2)
-    for j, m in enumerate((low, ~low)):
+    wt, mu, var = np.empty(k), np.empty(k), np.empty(k)
+    for j in range(k):
+        m = group == j
         wj = w[m]
         wt[j] = wj.sum() / total
         mu[j] = wj @ y[m] / wj.sum()
@@ -282,18 +302,18 @@ def _em2(y: np.ndarray, w: np.ndarray, bv: np.ndarray, split: float, var_floor: 
     prev = -np.inf
     for _ in range(max_iter):
         lp = _component_logp(y, bv, wt, mu, var)
-        norm = np.logaddexp(lp[0], lp[1])
+        norm = np.logaddexp.reduce(lp, axis=0)
         ll = float(w @ norm)
         resp = np.exp(lp - norm) * w
         nk = resp.sum(axis=1)
         if np.any(nk <= 1e-9 * total):
-            return None  # a component died: no 2-population fit from this start
+            return None  # a component died: no K-population fit from this start
         wt, mu = nk / total, resp @ y / nk
         var = np.maximum((resp * (y[None, :] - mu[:, None]) ** 2).sum(axis=1) / nk + resp @ bv / nk, var_floor)
         if ll - prev <= tol * abs(ll):
             break
         prev = ll
-    ll = float(w @ np.logaddexp(*_component_logp(y, bv, wt, mu, var)))
+    ll = float(w @ np.logaddexp.reduce(_component_logp(y, bv, wt, mu, var), axis=0))
     order = np.argsort(mu, kind="stable")
     return _Gmm(wt[order], mu[order], var[order], ll, init_q)
 
@@ -340,19 +360,22 @@ def _adaptive(summary: ScoreSummary, cfg: ThresholdConfig, canaries: Canaries | 
         y_b, y_h = float(np.median(fwd(canaries.benign))), float(np.median(fwd(canaries.harmful)))
         can.update(benign_median_fit=y_b, harmful_median_fit=y_h)
 
-    def assess(g: _Gmm) -> dict[str, Any]:
-        lam = g.ll - ll1
+    def assess(g: _Gmm, ll_ref: float, h: int = 1) -> dict[str, Any]:
+        """Checks for "the top ``h`` components are the harmful population" (h < K); ``hi``/``lo`` index the
+        lowest harmful and the highest benign component."""
+        lam = g.ll - ll_ref  # vs the best fit with one component fewer
         sd = np.sqrt(g.var)
-        d = float(math.sqrt(2) * (g.mu[1] - g.mu[0]) / math.sqrt(g.var.sum()))
+        hi, lo = len(g.mu) - h, len(g.mu) - h - 1
+        d = float(math.sqrt(2) * (g.mu[hi] - g.mu[lo]) / math.sqrt(g.var[hi] + g.var[lo]))
 
-        def log_post_ratio(t: float) -> float:  # log P(high|t) - log P(low|t)
+        def log_post_ratio(t: float) -> float:  # log P(harmful components|t) - log P(the others|t)
             lp = np.log(g.weight) + _norm_logpdf(t, g.mu, g.var)
-            return float(lp[1] - lp[0])
+            return float(np.logaddexp.reduce(lp[hi:]) - np.logaddexp.reduce(lp[:hi]))
 
         tau_y = dip = p_dip = math.nan
         dip_space, dip_ok = None, False
-        if log_post_ratio(g.mu[0]) < 0 < log_post_ratio(g.mu[1]):
-            tau_y = optimize.brentq(log_post_ratio, g.mu[0], g.mu[1], xtol=1e-12)
+        if log_post_ratio(g.mu[lo]) < 0 < log_post_ratio(g.mu[hi]):
+            tau_y = optimize.brentq(log_post_ratio, g.mu[lo], g.mu[hi], xtol=1e-12)
             # The dip: a valley before the high component, judged twice, because neither scale suffices.
             # Raw units: a benign one-sided tail (spike + exponential / half-normal / lognormal) decreases
             # there, so its raw density at tau is >= that near the high mean, whatever asinh makes of it;
@@ -363,7 +386,7 @@ def _adaptive(summary: ScoreSummary, cfg: ThresholdConfig, canaries: Canaries | 
             # be significant in at least one test (min p-value reported): raw units at tau (dip_alpha),
             # fit space at tau (dip_alpha), or fit space over the whole gap between the components'
             # 2-sigma bounds when it holds tau (gap_alpha; the test with power when high rows are few).
-            al, ah = inv([g.mu[1] - sd[1], g.mu[1] + sd[1]])
+            al, ah = inv([g.mu[hi] - sd[hi], g.mu[hi] + sd[hi]])
             ca_lo, ca_hi = np.atleast_1d(summary.count_below(np.array([al, ah])))
             n_a = ca_hi - ca_lo
 
@@ -372,15 +395,16 @@ def _adaptive(summary: ScoreSummary, cfg: ThresholdConfig, canaries: Canaries | 
                 bl, bh = inv([lo_y, hi_y])
                 cb_lo, cb_hi = np.atleast_1d(summary.count_below(np.array([bl, bh])))
                 n_b = cb_hi - cb_lo
-                len_b, len_a = (hi_y - lo_y, 2 * sd[1]) if fit else (bh - bl, ah - al)
+                len_b, len_a = (hi_y - lo_y, 2 * sd[hi]) if fit else (bh - bl, ah - al)
                 ratio = (n_b / len_b) / (n_a / len_a) if n_a > 0 else math.inf
                 return ratio, float(stats.binom.cdf(round(n_b), round(n_a + n_b), len_b / (len_a + len_b)))
 
-            narrow = (tau_y - sd[1] / 2, tau_y + sd[1] / 2)
+            narrow = (tau_y - sd[hi] / 2, tau_y + sd[hi] / 2)
             tests = {"raw": (*window(*narrow, fit=False), cfg.dip_alpha),
                      "fit": (*window(*narrow, fit=True), cfg.dip_alpha)}
-            if g.mu[0] + 2 * sd[0] < tau_y < g.mu[1] - 2 * sd[1]:
-                tests["fit_gap"] = (*window(g.mu[0] + 2 * sd[0], g.mu[1] - 2 * sd[1], fit=True), cfg.gap_alpha)
+            if g.mu[lo] + 2 * sd[lo] < tau_y < g.mu[hi] - 2 * sd[hi]:
+                tests["fit_gap"] = (*window(g.mu[lo] + 2 * sd[lo], g.mu[hi] - 2 * sd[hi], fit=True),
+                                    cfg.gap_alpha)
             dip = tests["raw"][0]
             significant = {k: r <= cfg.max_dip_ratio and p <= a for k, (r, p, a) in tests.items()}
             dip_space = next((k for k in tests if significant[k]), min(tests, key=lambda k: tests[k][1]))
@@ -389,7 +413,7 @@ def _adaptive(summary: ScoreSummary, cfg: ThresholdConfig, canaries: Canaries | 
         checks = {
             "lr_significant": lam > lr_critical,
             "lambda_per_row": lam / n >= cfg.min_lambda_per_row,
-            "high_is_minority": g.weight[1] <= cfg.max_weight,
+            "high_is_minority": g.weight[hi:].sum() <= cfg.max_weight,
             "separated": d >= cfg.min_separation,
             "posterior_crossing": math.isfinite(tau_y),
             "dip": dip_ok,
@@ -400,28 +424,53 @@ def _adaptive(summary: ScoreSummary, cfg: ThresholdConfig, canaries: Canaries | 
             # canaries (harm for this θ₀ and score), not merely far from the bulk (a benign minority task).
             # It replaces the effect-size and dip checks, which misread clear gaps with few rows (issue 13).
             span = can["harmful_median_fit"] - can["benign_median_fit"]
-            position = (g.mu[1] - can["benign_median_fit"]) / span if span > 0 else math.nan
+            # the harmful population's mean (one component, or the weighted mean of the top two)
+            mu_h = float(g.weight[hi:] @ g.mu[hi:] / g.weight[hi:].sum())
+            position = (mu_h - can["benign_median_fit"]) / span if span > 0 else math.nan
             del checks["lambda_per_row"], checks["dip"]
             checks["canaries_informative"] = can["informative"]
             checks["sits_with_harmful_canaries"] = bool(position >= cfg.canary_min_position)
             benign_above = (float(np.mean(fwd(canaries.benign) > tau_y)) if math.isfinite(tau_y) else 1.0)
             checks["benign_canaries_below_tau"] = benign_above <= cfg.canary_max_benign_above
+        n_params = 3 * len(g.mu) - 1
         return {
-            "init_quantile": g.init_q, "log_likelihood": g.ll, "Lambda": lam, "Lambda_per_row": lam / n,
+            "init_quantile": list(g.init_q), "n_components": len(g.mu), "harmful_components": h,
+            "log_likelihood": g.ll,
+            "bic": -2 * g.ll + n_params * math.log(n), "Lambda": lam, "Lambda_per_row": lam / n,
             "components": [{"weight": g.weight[j], "mu": g.mu[j], "sigma": sd[j], "mu_raw": float(inv(g.mu[j]))}
-                           for j in (0, 1)],
+                           for j in range(len(g.mu))],
             "ashman_d": d, "tau_fit_space": tau_y, "tau": float(inv(tau_y)) if math.isfinite(tau_y) else None,
             "dip_ratio": dip, "dip_test": dip_space, "dip_p_value": p_dip, "canary_position": position,
             "checks": checks, "passed": all(checks.values()),
         }
 
-    splits = _weighted_quantile(y, w, np.array(cfg.init_quantiles))
-    fits = (_em2(y, w, bv, s, 1e-4 * var1, cfg.em_max_iter, cfg.em_tol, q)
-            for s, q in zip(splits, cfg.init_quantiles, strict=True))
-    candidates = [assess(g) for g in fits if g is not None]
+    def fit(qs: tuple[float, ...], extra: float | None = None) -> _Gmm | None:
+        splits = _weighted_quantile(y, w, np.array(qs))
+        if extra is not None:
+            splits = np.append(splits, extra)
+        return _em(y, w, bv, splits, 1e-4 * var1, cfg.em_max_iter, cfg.em_tol,
+                   qs if extra is None else (*qs, math.nan))
+
+    fits2 = [g for g in (fit((q,)) for q in cfg.init_quantiles) if g is not None]
+    candidates = [assess(g, ll1) for g in fits2]
+    if can is not None and cfg.canary_components == 3 and fits2:
+        # 3': a benign bulk with a heavy tail takes both components of a 2-GMM (bulk + tail), so a harmful
+        # cluster a few σ out gets none; a third component gives it one. Only with canaries: they, not the
+        # shape, say whether the top component is harm (a 3-GMM fits a second benign task just as well).
+        # Starts: every pair of quantile splits, and each quantile below the canaries' midpoint with a split
+        # at that midpoint (the top component starts where the harmful canaries are).
+        ll2 = max(g.ll for g in fits2)
+        mid = 0.5 * (can["benign_median_fit"] + can["harmful_median_fit"])
+        below = [q for q, v in zip(cfg.init_quantiles, _weighted_quantile(y, w, np.array(cfg.init_quantiles)),
+                                   strict=True) if v < mid]
+        fits3 = [fit(pair) for pair in itertools.combinations(cfg.init_quantiles, 2)]
+        fits3 += [fit((q,), mid) for q in below]
+        # the harmful population is the top component, or the top two when both sit with the harmful canaries
+        candidates += [assess(g, ll2, h) for g in fits3 if g is not None for h in (1, 2)]
     passing = [cand for cand in candidates if cand["passed"]]
     pool = passing or candidates
-    chosen = max(pool, key=lambda cand: cand["log_likelihood"]) if pool else None
+    # best model first (BIC = max likelihood at one K); for one fit, the larger harmful population
+    chosen = min(pool, key=lambda cand: (cand["bic"], -cand["harmful_components"])) if pool else None
 
     evidence: dict[str, Any] = {
         **base,
@@ -434,7 +483,7 @@ def _adaptive(summary: ScoreSummary, cfg: ThresholdConfig, canaries: Canaries | 
         evidence["canaries"] = can
     if chosen is not None:
         evidence.update(Lambda=chosen["Lambda"], Lambda_per_row=chosen["Lambda_per_row"],
-                        components=chosen["components"],
+                        components=chosen["components"], harmful_components=chosen["harmful_components"],
                         separation={"ashman_d": chosen["ashman_d"], "dip_ratio": chosen["dip_ratio"],
                                     "dip_test": chosen["dip_test"],
                                     "dip_p_value": chosen["dip_p_value"]},
