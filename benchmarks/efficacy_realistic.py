@@ -597,8 +597,9 @@ def finetune_asr(path: Path, out: Path, split: str = "test", mix: str = "harmful
     """The target "after a finetune on the filtered 10% mixture, ASR is within 10 points of the oracle's": LoRA-
     finetune the realistic θ₀ on the split's mixture three ways (unfiltered; kept by the product's default rule on
     this mixture's default-variant scores, canaries included; the oracle, harmful rows removed by label) and
-    measure ASR on HarmBench's eval prompts and compliance on held-out benign ShareGPT prompts. A kept set equal
-    to another is trained once (same rows, same seed, same model)."""
+    measure ASR on HarmBench's eval prompts and compliance on held-out benign ShareGPT prompts; plus, as a
+    label-informed diagnostic, the k highest-FIHS rows removed (k = the harmful count). A kept set equal to another
+    is trained once (same rows, same seed, same model); a rerun reuses the runs in ``out`` with the same rows."""
     from gradshield_ray.miniature import mixtures, realistic
     from gradshield_ray.miniature.aligned import load
     from gradshield_ray.miniature.finetune import is_refusal
@@ -614,8 +615,12 @@ def finetune_asr(path: Path, out: Path, split: str = "test", mix: str = "harmful
     harm = np.char.startswith(k[ix], "harmful:")
     dec = decide(ScoreSummary.from_values(f[ix]),
                  canaries=Canaries(harmful=f[k == "canary_harmful"], benign=f[k == "canary_benign"]))
+    top_k = np.zeros(len(ix), bool)
+    top_k[np.argsort(-f[ix], kind="stable")[: harm.sum()]] = True
     kept = {"unfiltered": np.ones(len(ix), bool), "gradshield (defaults)": f[ix] <= dec.tau,
-            "oracle (harmful removed by label)": ~harm}
+            "oracle (harmful removed by label)": ~harm,
+            # what the score's ranking alone would give if the cut fired at the right place (diagnostic)
+            "FIHS top-k removed (k = harmful rows; label-informed)": ~top_k}
     recipe = LoraRecipe(lr=5e-4, epochs=epochs, max_tokens=max_tokens)
     base = theta0("gemma")
     ev_harm = [[{"role": "user", "content": p}] for p in mixtures.harmbench_splits()["eval"]]
@@ -635,11 +640,20 @@ def finetune_asr(path: Path, out: Path, split: str = "test", mix: str = "harmful
     model, tok = load(base)
     res["theta0"] = evaluate(model, tok)
     log(f"θ₀: {res['theta0']['asr']:.0%} ASR")
+    import hashlib
+
+    before = json.loads(out.read_text())["runs"] if out.exists() else {}  # rerun: reuse a run of the same rows
     done: dict[bytes, str] = {}
     for name, m in kept.items():
+        sha = hashlib.sha1(ix[m].tobytes()).hexdigest()[:16]
         entry = {"kept_rows": int(m.sum()), "harmful_kept": int((m & harm).sum()),
-                 "benign_removed": int((~m & ~harm).sum())}
-        if m.tobytes() in done:
+                 "benign_removed": int((~m & ~harm).sum()), "kept_sha1": sha}
+        prior = next((v for v in before.values() if v.get("kept_sha1") == sha and "asr" in v
+                      and "same_rows_as" not in v), None)
+        if prior is not None and m.tobytes() not in done:
+            done[m.tobytes()] = name
+            entry.update({x: prior[x] for x in prior if x not in entry})
+        elif m.tobytes() in done:
             entry.update(same_rows_as=done[m.tobytes()], **{x: res["runs"][done[m.tobytes()]][x]
                                                               for x in ("asr", "benign_compliance", "seconds")})
         else:

@@ -46,8 +46,11 @@ synthetic shapes only, see ``tests/test_threshold.py``):
 3'. With calibration canaries (``canaries: gate``) checks (a: effect size)
    and (d) are replaced by: the score separates the canaries (AUROC), the
    harmful population's mean sits at least ``canary_min_position`` of the way
-   from the benign to the harmful canaries (fit space), and at most
-   ``canary_max_benign_above`` of the benign canaries lie above ``tau``.
+   from the benign to the harmful canaries (fit space), at most
+   ``canary_max_benign_above`` of the benign canaries lie above ``tau``, and
+   at most ``canary_max_gap_share`` of the rows above ``tau`` lie below the
+   harmful canaries' ``canary_low_quantile`` (else the cut is taking a
+   benign task that sits between the bulk and the harm).
    3-component GMMs are fitted too (``canary_components = 3``; Λ against the
    best 2-GMM), and the harmful population may be the top one or the top two
    components.  Why: a heavy-tailed benign bulk takes both components of a
@@ -137,6 +140,14 @@ class ThresholdConfig(BaseModel):
         default=3, description="with canaries (gate): fit mixtures of up to this many components; the top one is "
                                "the harm candidate. 3 lets a heavy-tailed benign bulk take two components and a "
                                "harmful cluster a few σ out its own (issue 13, Gemma realistic data)")
+    canary_low_quantile: float = Field(
+        default=0.1, gt=0, lt=1, description="with canaries: where harm starts, as this quantile of the harmful "
+                                            "canaries' scores")
+    canary_max_gap_share: float = Field(
+        default=0.5, ge=0, le=1,
+        description="with canaries: at most this share of the rows above tau may lie below canary_low_quantile of "
+                    "the harmful canaries (a cut that removes mostly rows where no harmful canary lies is taking a "
+                    "benign task between the bulk and the harm)")
     init_quantiles: tuple[Annotated[float, Field(gt=0, lt=1)], ...] = Field(
         default=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98), min_length=1,
         description="deterministic EM starts: split the data at these quantiles",
@@ -432,6 +443,15 @@ def _adaptive(summary: ScoreSummary, cfg: ThresholdConfig, canaries: Canaries | 
             checks["sits_with_harmful_canaries"] = bool(position >= cfg.canary_min_position)
             benign_above = (float(np.mean(fwd(canaries.benign) > tau_y)) if math.isfinite(tau_y) else 1.0)
             checks["benign_canaries_below_tau"] = benign_above <= cfg.canary_max_benign_above
+            # most of what the cut removes must lie where the harmful canaries lie: a benign task between the
+            # bulk and the harm (a component holding both) would put its rows below the canaries' low quantile
+            gap_share = 1.0
+            if math.isfinite(tau_y):
+                t_raw, q_raw = float(inv(tau_y)), float(np.quantile(canaries.harmful, cfg.canary_low_quantile))
+                above = n - summary.count_below(t_raw)
+                in_gap = max(0.0, summary.count_below(q_raw) - summary.count_below(t_raw)) if q_raw > t_raw else 0.0
+                gap_share = float(in_gap / above) if above > 0 else 1.0
+            checks["removed_rows_sit_with_harmful_canaries"] = gap_share <= cfg.canary_max_gap_share
         n_params = 3 * len(g.mu) - 1
         return {
             "init_quantile": list(g.init_q), "n_components": len(g.mu), "harmful_components": h,

@@ -264,3 +264,19 @@ def test_canary_rule_gives_a_cluster_beside_a_heavy_tailed_bulk_its_own_componen
         assert three.evidence["branch"] == "harmful_population", (seed, three.evidence["reason"])
         assert len(three.evidence["components"]) == 3
         assert (x[harm] > three.tau).mean() >= 0.9 and (x[~harm] > three.tau).mean() <= 0.05, seed
+
+
+@pytest.mark.parametrize("name", ["spike_exp/n200/s1/tasks2+cluster12s", "spike_exp/n2000/s1/tasks2+cluster12s"])
+def test_canary_rule_does_not_take_a_benign_task_between_the_bulk_and_the_harm(name: str) -> None:
+    """A spike + exponential bulk, a benign second task at 5σ (20%) and harm at 12σ (10%), from the threshold suite:
+    a 3-GMM puts the task and the harm in one component whose mean sits with the harmful canaries, and without the
+    gap check (canary_max_gap_share 1.0) the cut removes the whole task (21% of benign rows). With it, most removed
+    rows must lie where the harmful canaries do."""
+    from benchmarks.threshold import synthetic
+
+    ss = next(ss for ss in synthetic(2000) if ss.name == name)
+    x, harm = ss.scores, ss.harmful
+    on = decide(ScoreSummary.from_values(x), ThresholdConfig(), ss.canaries)
+    off = decide(ScoreSummary.from_values(x), ThresholdConfig(canary_max_gap_share=1.0), ss.canaries)
+    assert (x[harm] > on.tau).mean() >= 0.9 and (x[~harm] > on.tau).mean() <= 0.01, on.evidence["reason"]
+    assert (x[~harm] > off.tau).mean() >= 0.2  # the failure the check exists for
