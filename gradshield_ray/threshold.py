@@ -130,16 +130,17 @@ class ThresholdConfig(BaseModel):
                     "benign ones with at least this AUROC; otherwise only the far tail is removed and report.json "
                     "says the score does not separate harm on this model")
     canary_min_position: float = Field(
-        default=0.8, description="with canaries: the high component's mean must lie at least this far from the "
+        default=0.8, description="with canaries: the harmful population's mean must lie at least this far from the "
                                  "benign canaries' median towards the harmful canaries' median (fit space; 0 = at "
                                  "the benign canaries, 1 = at the harmful ones)")
     canary_max_benign_above: float = Field(
         default=0.1, ge=0, le=1, description="with canaries: at most this share of the benign canaries may lie "
                                              "above tau (a cut through benign rows is no harm boundary)")
     canary_components: Literal[2, 3] = Field(
-        default=3, description="with canaries (gate): fit mixtures of up to this many components; the top one is "
-                               "the harm candidate. 3 lets a heavy-tailed benign bulk take two components and a "
-                               "harmful cluster a few σ out its own (issue 13, Gemma realistic data)")
+        default=3, description="with canaries (gate): fit mixtures of up to this many components; the top one (or, "
+                               "with 3, the top two) is the harm candidate. 3 lets a heavy-tailed benign bulk take "
+                               "two components and a harmful cluster a few σ out its own (issue 13; chosen on the "
+                               "threshold suite's dev shapes)")
     canary_low_quantile: float = Field(
         default=0.1, gt=0, lt=1, description="with canaries: where harm starts, as this quantile of the harmful "
                                             "canaries' scores")
