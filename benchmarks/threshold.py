@@ -178,7 +178,8 @@ def counts(res: dict[str, dict], split: str, pol: str = "with_canaries") -> tupl
     return benign, far
 
 
-def tune_on_dev(sets: list[ScoreSet]) -> dict[str, float]:
+def tune_on_dev(sets: list[ScoreSet], components: tuple[int, ...] = COMPONENTS,
+                positions: tuple[float, ...] = POSITIONS) -> dict[str, float]:
     """canary_components × canary_min_position from COMPONENTS × POSITIONS, chosen on the dev shapes only: most
     benign-only shapes kept clean, then most far clusters found, then the simpler model and the smaller position
     (tests/test_realistic.py checks that test shapes do not move the choice)."""
@@ -188,7 +189,7 @@ def tune_on_dev(sets: list[ScoreSet]) -> dict[str, float]:
         cfg = ThresholdConfig(canary_components=kp[0], canary_min_position=kp[1])
         return (counts(run(dev, cfg), "dev"), -kp[0], -kp[1])
 
-    k, p = max(((k, p) for k in COMPONENTS for p in POSITIONS), key=key)
+    k, p = max(((k, p) for k in components for p in positions), key=key)
     return {"canary_components": k, "canary_min_position": p}
 
 

@@ -295,6 +295,13 @@ def _component_logp(y: np.ndarray, bv: np.ndarray, wt: np.ndarray, mu: np.ndarra
                       - bv[None, :] / (2 * var[:, None]))
 
 
+def _logsumexp0(lp: np.ndarray) -> np.ndarray:
+    """log(sum(exp(lp), axis=0)) for a few rows (components) over many bins; a max shift keeps it stable, and it
+    is ~5x faster than ``np.logaddexp.reduce`` along axis 0 (the EM's inner loop)."""
+    m = lp.max(axis=0)
+    return np.asarray(m + np.log(np.exp(lp - m).sum(axis=0)))
+
+
 def _em(y: np.ndarray, w: np.ndarray, bv: np.ndarray, splits: np.ndarray, var_floor: float,
         max_iter: int, tol: float, init_q: tuple[float, ...]) -> _Gmm | None:
     """K-component EM (K = len(splits) + 1) on weighted bin centres, started from the groups that the sorted
@@ -314,7 +321,7 @@ def _em(y: np.ndarray, w: np.ndarray, bv: np.ndarray, splits: np.ndarray, var_fl
     prev = -np.inf
     for _ in range(max_iter):
         lp = _component_logp(y, bv, wt, mu, var)
-        norm = np.logaddexp.reduce(lp, axis=0)
+        norm = _logsumexp0(lp)
         ll = float(w @ norm)
         resp = np.exp(lp - norm) * w
         nk = resp.sum(axis=1)
@@ -325,7 +332,7 @@ def _em(y: np.ndarray, w: np.ndarray, bv: np.ndarray, splits: np.ndarray, var_fl
         if ll - prev <= tol * abs(ll):
             break
         prev = ll
-    ll = float(w @ np.logaddexp.reduce(_component_logp(y, bv, wt, mu, var), axis=0))
+    ll = float(w @ _logsumexp0(_component_logp(y, bv, wt, mu, var)))
     order = np.argsort(mu, kind="stable")
     return _Gmm(wt[order], mu[order], var[order], ll, init_q)
 
