@@ -481,10 +481,11 @@ def _adaptive(summary: ScoreSummary, cfg: ThresholdConfig, canaries: Canaries | 
 
     fits2 = [g for g in (fit((q,)) for q in cfg.init_quantiles) if g is not None]
     candidates = [assess(g, ll1) for g in fits2]
-    if can is not None and cfg.canary_components == 3 and fits2:
+    if can is not None and can["informative"] and cfg.canary_components == 3 and fits2:
         # 3': a benign bulk with a heavy tail takes both components of a 2-GMM (bulk + tail), so a harmful
         # cluster a few σ out gets none; a third component gives it one. Only with canaries: they, not the
-        # shape, say whether the top component is harm (a 3-GMM fits a second benign task just as well).
+        # shape, say whether the top component is harm (a 3-GMM fits a second benign task just as well); not
+        # when they are uninformative (no candidate can pass then).
         # Starts: every pair of quantile splits, and each quantile below the canaries' midpoint with a split
         # at that midpoint (the top component starts where the harmful canaries are).
         ll2 = max(g.ll for g in fits2)
